@@ -15,7 +15,7 @@ def quiet() -> bool:
 
 def progress(iterable=None, **kwargs):
     """A tqdm progress bar on stderr, disabled when quiet."""
-    kwargs.setdefault("disable", quiet())
+    kwargs["disable"] = bool(kwargs.get("disable")) or quiet()
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)

@@ -35,7 +35,14 @@ class CacheKind:
     hint: str = ""  # how to install them
 
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return [m for m in self.requires if not _importable(m)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # find_spec("a.b") imports "a", which raises when "a" itself is missing
+        return False
 
 
 _REGISTRY: dict[str, CacheKind] = {}
@@ -154,8 +161,8 @@ def cache_nbytes(cache) -> int:
     """Bytes actually held by a cache: every distinct tensor storage reachable from its layers.
 
     Counting storages (not tensor views) is what makes this honest: a view that pins a larger buffer
-    counts the whole buffer, and two views of one buffer count it once. Layers that know their own size
-    (``nbytes``) report it directly.
+    counts the whole buffer, and two views of one buffer count it once. Works for any cache object
+    (transformers', kvforge's, a peer's): it walks the object's attributes, not a known layout.
     """
     seen_storage: set[int] = set()
     seen_obj: set[int] = set()
@@ -163,7 +170,7 @@ def cache_nbytes(cache) -> int:
 
     def visit(obj, depth: int) -> None:
         nonlocal total
-        if obj is None or depth > 5 or id(obj) in seen_obj:
+        if obj is None or depth > 6 or id(obj) in seen_obj:
             return
         seen_obj.add(id(obj))
         if isinstance(obj, torch.Tensor):
@@ -191,13 +198,7 @@ def cache_nbytes(cache) -> int:
             for v in vars(obj).values():
                 visit(v, depth + 1)
 
-    for layer in getattr(cache, "layers", [cache]):
-        if hasattr(layer, "nbytes") and not isinstance(layer, torch.Tensor):
-            total += int(layer.nbytes)
-        else:
-            visit(layer, 0)
-    if not getattr(cache, "layers", None):
-        visit(cache, 0)
+    visit(cache, -1)
     return total
 
 

@@ -1,0 +1,164 @@
+"""Evaluation commands: ``kvforge eval ppl|agree|needle`` and ``kvforge bench``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+
+def _csv(cast):
+    def parse(text: str):
+        try:
+            return [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of {cast.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def add_commands(sub) -> None:
+    from .core import _model_arg
+
+    ev = sub.add_parser("eval", help="measure one cache: perplexity, agreement or needle retrieval")
+    evsub = ev.add_subparsers(dest="metric", metavar="METRIC", required=True)
+
+    def common(p):
+        _model_arg(p)
+        p.add_argument("--cache", default="dynamic", help="cache spec (see `kvforge caches`)")
+        p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
+        p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = evsub.add_parser("ppl", help="decode-faithful perplexity (and the baseline's, same windows)")
+    common(p)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--context", type=int, default=512, help="tokens prefilled into the cache per window")
+    p.add_argument("--score", type=int, default=512, help="tokens scored after the prefill")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per scoring forward pass")
+    p.add_argument("--single-pass", action="store_true", help="one forward per window (transformers' recipe)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the DynamicCache baseline")
+    p.set_defaults(func=cmd_ppl)
+
+    p = evsub.add_parser("agree", help="greedy agreement and KL against a DynamicCache")
+    common(p)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_agree)
+
+    p = evsub.add_parser("needle", help="planted-fact retrieval per context length and depth")
+    common(p)
+    p.add_argument("--lengths", type=_csv(int), default=[512, 1024])
+    p.add_argument("--depths", type=_csv(float), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--plot", type=Path, help="save the accuracy heatmap as PNG")
+    p.set_defaults(func=cmd_needle)
+
+    p = sub.add_parser("bench", help="all metrics for several caches on the same windows, into a results folder")
+    _model_arg(p)
+    p.add_argument("--caches", required=True, type=_csv(str), help="comma-separated cache specs")
+    p.add_argument("--metrics", type=_csv(str), default=["ppl", "agree", "needle"])
+    p.add_argument("--out", type=Path, default=Path("results"), help="parent folder (default ./results)")
+    p.add_argument("--text", default="pydoc")
+    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--score", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--needle-lengths", type=_csv(int), default=[512, 1024])
+    p.add_argument("--needle-trials", type=int, default=1)
+    p.add_argument("--single-pass", action="store_true", help="also report single-pass perplexity")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("caches", help="list the cache specs and whether each is available")
+    p.set_defaults(func=cmd_caches)
+
+
+def _load(args):
+    from ..models import load_model
+    from ..specs import parse_spec
+
+    parse_spec(args.cache)  # fail on a bad spec before loading a model
+    return load_model(args.model, dtype=args.dtype)
+
+
+def _text(args) -> str:
+    from ..texts import load_text
+
+    return load_text(args.text, args.split)
+
+
+def _print(result, as_json: bool, lines: list[str]) -> None:
+    print(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(lines))
+
+
+def cmd_ppl(args) -> int:
+    from ..eval import perplexity, token_windows
+
+    model, tok = _load(args)
+    windows = token_windows(tok, _text(args), args.windows, args.context + args.score)
+    kw = dict(windows=windows, context=args.context, score=args.score, chunk=args.chunk, single_pass=args.single_pass)
+    base = None
+    if args.cache != "dynamic" and not args.no_baseline:
+        base = perplexity(model, tok, "dynamic", **kw)
+    r = perplexity(model, tok, args.cache, baseline=base, **kw)
+    lines = [f"{r.cache} ({r.mode}): PPL {r.ppl:.4f}  NLL {r.nll:.5f}  tokens {r.tokens}  "
+             f"{r.bytes_per_token:,.0f} B/token  {1000 * r.seconds_per_token:.2f} ms/token"]
+    if base is not None:
+        lines.append(f"dynamic baseline: PPL {base.ppl:.4f}  ({100 * r.rel_change:+.2f}%)  "
+                     f"{base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")
+    _print(r, args.json, lines)
+    return 0
+
+
+def cmd_agree(args) -> int:
+    from ..eval import agreement, default_prompts
+
+    model, tok = _load(args)
+    prompts = default_prompts(tok, args.prompts, args.prompt_tokens, _text(args))
+    r = agreement(model, tok, args.cache, prompts=prompts, new_tokens=args.new_tokens)
+    _print(r, args.json, [
+        f"{r.cache}: greedy match {100 * r.match_rate:.1f}% over {r.prompts}x{r.new_tokens} tokens, "
+        f"{100 * r.exact:.0f}% of prompts identical, first divergence {r.first_divergence}, "
+        f"mean KL {r.mean_kl:.5f} (max {r.max_kl:.4f})"])
+    return 0
+
+
+def cmd_needle(args) -> int:
+    from ..eval import needle
+    from ..eval.report import plot_needle_result
+
+    model, tok = _load(args)
+    r = needle(model, tok, args.cache, lengths=tuple(args.lengths), depths=tuple(args.depths),
+               trials=args.trials, text=_text(args))
+    lines = [f"{r.cache}: needle accuracy {100 * r.mean_accuracy:.0f}%",
+             "length  " + "  ".join(f"{d:>5.0%}" for d in r.depths)]
+    lines += [f"{n:>6}  " + "  ".join(f"{a:>5.0%}" for a in row) for n, row in zip(r.lengths, r.accuracy)]
+    _print(r, args.json, lines)
+    if args.plot:
+        plot_needle_result(r, args.plot)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..eval import BenchSettings, run_bench
+
+    names = {f.name for f in fields(BenchSettings)}
+    settings = BenchSettings(**{k: v for k, v in vars(args).items() if k in names and k != "needle_lengths"},
+                             needle_lengths=args.needle_lengths)
+    settings.validate()
+    out = run_bench(settings, args.out)
+    print((out / "results.md").read_text())
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_caches(args) -> int:
+    from ..specs import CacheSpec, known_specs
+
+    for name, kind in sorted(known_specs().items()):
+        ok, why = CacheSpec(name).available()
+        params = ",".join(f"{k}={v}" for k, v in kind.defaults.items())
+        print(f"{name + (':' + params if params else ''):<60} {kind.description}" + ("" if ok else f"  [unavailable: {why}]"))
+    return 0

@@ -1,0 +1,129 @@
+"""``kvforge bench``: every metric for several caches on the same windows, in one run, into one folder.
+
+The results folder is named after the settings (model, windows, lengths, and a short hash of the full
+settings including the cache list) and is never overwritten: a second run with the same settings gets
+a ``-2`` suffix. It holds ``results.json``, ``results.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..specs import CacheUnavailableError, parse_spec
+from .agreement import agreement, default_prompts
+from .common import token_windows
+from .needle import needle
+from .perplexity import perplexity
+
+METRICS = ("ppl", "agree", "needle")
+
+
+@dataclass
+class BenchSettings:
+    model: str
+    caches: list[str]
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    text: str = "pydoc"
+    split: str = "eval"
+    windows: int = 4
+    context: int = 512
+    score: int = 512
+    chunk: int = 32
+    agree_prompts: int = 4
+    agree_prompt_tokens: int = 256
+    agree_tokens: int = 32
+    needle_lengths: list[int] = field(default_factory=lambda: [512, 1024])
+    needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    needle_trials: int = 1
+    single_pass: bool = False  # also report the single-pass perplexity per cache
+
+    def validate(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+        if not self.caches:
+            raise ValueError("no caches to benchmark")
+        for c in self.caches:
+            parse_spec(c)  # unknown specs fail before any model work
+
+    def folder_name(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        model = Path(self.model).name if "/" in self.model else self.model
+        return f"{model}_w{self.windows}x{self.context}+{self.score}_k{self.chunk}_{len(self.caches)}caches_{digest}"
+
+
+def new_results_dir(root: str | Path, name: str) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path, i = root / name, 1
+    while path.exists():
+        i += 1
+        path = root / f"{name}-{i}"
+    path.mkdir()
+    return path
+
+
+def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=None, tokenizer=None) -> Path:
+    """Run the matrix and write the results folder; returns its path."""
+    from ..models import load_model
+    from ..texts import load_text
+    from .report import write_report
+
+    settings.validate()
+    if model is None:
+        model, tokenizer = load_model(settings.model)
+    text = load_text(settings.text, settings.split)
+    # the same windows, prompts and needles for every cache
+    windows = token_windows(tokenizer, text, settings.windows, settings.context + settings.score)
+    prompts = default_prompts(tokenizer, settings.agree_prompts, settings.agree_prompt_tokens, text)
+    caches = list(dict.fromkeys(["dynamic", *settings.caches]))  # the baseline always runs, first
+    rows: list[dict] = []
+    baseline = None
+    for spec_text in caches:
+        spec = parse_spec(spec_text)
+        ok, why = spec.available()
+        if not ok:
+            rows.append({"cache": str(spec), "skipped": why})
+            continue
+        row: dict = {"cache": str(spec)}
+        t0 = time.perf_counter()
+        try:
+            if "ppl" in settings.metrics:
+                res = perplexity(model, tokenizer, spec, windows=windows, context=settings.context,
+                                 score=settings.score, chunk=settings.chunk, baseline=baseline)
+                baseline = baseline or res
+                row["ppl"] = res.to_dict()
+                if settings.single_pass:
+                    row["ppl_single_pass"] = perplexity(
+                        model, tokenizer, spec, windows=windows, context=settings.context, score=settings.score,
+                        single_pass=True).to_dict()
+            if "agree" in settings.metrics:
+                row["agree"] = agreement(model, tokenizer, spec, prompts=prompts, new_tokens=settings.agree_tokens).to_dict()
+            if "needle" in settings.metrics:
+                row["needle"] = needle(model, tokenizer, spec, lengths=tuple(settings.needle_lengths),
+                                       depths=tuple(settings.needle_depths), trials=settings.needle_trials,
+                                       text=text).to_dict()
+        except (CacheUnavailableError, ImportError) as e:
+            row = {"cache": str(spec), "skipped": str(e)}
+        except Exception as e:  # noqa: BLE001 - one failing cache must not lose the others' results
+            row["error"] = f"{type(e).__name__}: {e}"
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    out = new_results_dir(out_root, settings.folder_name())
+    meta = {
+        "settings": asdict(settings),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    write_report(out, meta, rows)
+    return out
+

@@ -1,0 +1,117 @@
+"""Results folders: ``results.json``, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per cache; ratios are against the ``dynamic`` row of the same run."""
+    base = next((r for r in rows if r["cache"] == "dynamic" and "ppl" in r), None)
+    head = ("| cache | PPL | ΔPPL | NLL | tokens | agree | first div | KL | needle | B/token | vs dynamic | "
+            "s/token | time vs dynamic |")
+    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
+    for r in rows:
+        if "skipped" in r or "error" in r:
+            why = r.get("skipped") or r.get("error")
+            lines.append(f"| {r['cache']} | {'skipped' if 'skipped' in r else 'error'}: {why} |" + " |" * 11)
+            continue
+        p, a, n = r.get("ppl"), r.get("agree"), r.get("needle")
+        size = speed = None
+        if p and base:
+            size = base["ppl"]["bytes_per_token"] / p["bytes_per_token"] if p["bytes_per_token"] else None
+            speed = p["seconds_per_token"] / base["ppl"]["seconds_per_token"]
+        rel = p.get("rel_change") if p else None
+        lines.append(
+            "| " + " | ".join([
+                r["cache"],
+                _fmt(p and p["ppl"], ".3f"),
+                "-" if rel is None else f"{100 * rel:+.2f}%",
+                _fmt(p and p["nll"], ".4f"),
+                _fmt(p and p["tokens"], "d"),
+                "-" if not a else f"{100 * a['match_rate']:.1f}%",
+                "-" if not a else f"{a['mean_first_divergence']:.1f}",
+                "-" if not a else f"{a['mean_kl']:.4f}",
+                "-" if not n else f"{100 * n['mean_accuracy']:.0f}%",
+                _fmt(p and p["bytes_per_token"], ",.0f"),
+                "-" if size is None else f"{size:.2f}x smaller",
+                "-" if not p else f"{1000 * p['seconds_per_token']:.1f} ms",
+                "-" if speed is None else f"{speed:.2f}x",
+            ]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=1, default=str))
+    s = meta["settings"]
+    md = [
+        f"# kvforge bench: {s['model']}",
+        "",
+        f"Perplexity is decode-faithful: {s['windows']} windows of the {s['text']} text ({s['split']} split), "
+        f"each prefilled with {s['context']} tokens then scored on the next {s['score']} in chunks of {s['chunk']} "
+        "through the cache. ΔPPL, bytes and time are relative to `dynamic` in this run. Agreement: greedy "
+        f"match over {s['agree_tokens']} tokens on {s['agree_prompts']} prompts, KL teacher-forced. "
+        f"Needle: lengths {s['needle_lengths']}, depths {s['needle_depths']}, {s['needle_trials']} trial(s) each.",
+        "",
+        markdown_table(rows),
+        "",
+        f"torch {meta['torch']}, {meta['threads']} threads, {meta['created']}",
+    ]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    plot_quality_vs_bytes(rows, out / "quality_vs_bytes.png")
+    if any("needle" in r for r in rows):
+        plot_needle([r for r in rows if "needle" in r], out / "needle_heatmap.png")
+
+
+def plot_quality_vs_bytes(rows: list[dict], path: Path) -> None:
+    pts = [(r["cache"], r["ppl"]["bytes_per_token"], 100 * (r["ppl"].get("rel_change") or 0.0)) for r in rows if "ppl" in r]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, x, y in pts:
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("KV cache bytes per token (held)")
+    ax.set_ylabel("perplexity change vs dynamic (%)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_title("quality vs memory (decode-faithful perplexity)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_needle(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows) + 1, 3.2), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        n = r["needle"]
+        im = ax.imshow(n["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(r["cache"], fontsize=8)
+        ax.set_xticks(range(len(n["depths"])), [f"{d:.0%}" for d in n["depths"]], fontsize=7)
+        ax.set_yticks(range(len(n["lengths"])), [str(x) for x in n["lengths"]], fontsize=7)
+        ax.set_xlabel("depth")
+        ax.set_ylabel("context tokens")
+        for i, row in enumerate(n["accuracy"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
+    fig.suptitle("needle retrieval accuracy")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_needle_result(result, path: Path) -> Path:
+    """Heatmap of one :class:`NeedleResult`."""
+    plot_needle([{"cache": result.cache, "needle": result.to_dict()}], Path(path))
+    return Path(path)
