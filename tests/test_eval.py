@@ -18,7 +18,7 @@ from kvforge.eval import (
     run_bench,
     token_windows,
 )
-from kvforge.specs import UnknownCacheSpecError, _REGISTRY, register
+from kvforge.specs import _REGISTRY, UnknownCacheSpecError, register
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -113,7 +113,7 @@ def test_needle_haystack_places_the_fact_at_the_requested_depth(tiny_llama):
 def test_needle_grid_shape_and_records(tiny_gemma):
     model, tok = tiny_gemma
     text = "\n".join(f"line {i} of some filler text." for i in range(2000))
-    r = needle(model, tok, "dynamic", lengths=(64, 96), depths=(0.0, 1.0), trials=2, text=text, max_new_tokens=4,
+    r = needle(model, tok, "dynamic", lengths=(160, 200), depths=(0.0, 1.0), trials=2, text=text, max_new_tokens=4,
                show_progress=False)
     assert len(r.accuracy) == 2 and all(len(row) == 2 for row in r.accuracy)
     assert len(r.records) == 8
@@ -163,7 +163,7 @@ def test_bench_writes_a_results_folder_and_never_overwrites(tiny_llama, tmp_path
     s = BenchSettings(
         model="tiny-llama", caches=["noisy:std=1.0", missing_peer], text=str(text_file), split="all", windows=2,
         context=48, score=24, chunk=8, agree_prompts=2, agree_prompt_tokens=32, agree_tokens=6,
-        needle_lengths=[64], needle_depths=[0.0, 1.0], needle_trials=1,
+        needle_lengths=[160], needle_depths=[0.0, 1.0], needle_trials=1,
     )
     out = run_bench(s, tmp_path / "results", model=model, tokenizer=tok)
     data = json.loads((out / "results.json").read_text())

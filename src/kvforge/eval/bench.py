@@ -98,7 +98,9 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
             if "ppl" in settings.metrics:
                 res = perplexity(model, tokenizer, spec, windows=windows, context=settings.context,
                                  score=settings.score, chunk=settings.chunk, baseline=baseline)
-                baseline = baseline or res
+                if baseline is None:  # the baseline's change against itself is 0
+                    res.baseline_ppl = res.ppl
+                    baseline = res
                 row["ppl"] = res.to_dict()
                 if settings.single_pass:
                     row["ppl_single_pass"] = perplexity(
