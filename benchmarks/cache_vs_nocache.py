@@ -38,6 +38,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kvforge  # noqa: E402
 from kvforge import PreallocatedCache, generate, load_model  # noqa: E402
+from kvforge._compat import cache_kw
 from kvforge.texts import load_text  # noqa: E402
 
 PATHS = ["kvforge + PreallocatedCache", "kvforge + DynamicCache", "kvforge, no cache", "transformers generate"]
@@ -78,7 +79,7 @@ def run_transformers(model, tok, ids, new_tokens: int) -> dict:
     timer = _TokenTimes()
     t0 = time.perf_counter()
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(config=model.config),
+        ids, attention_mask=torch.ones_like(ids), **cache_kw(DynamicCache(config=model.config)),
         do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=timer,
         pad_token_id=tok.pad_token_id,
     )

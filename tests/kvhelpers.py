@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache
 
+from kvforge._compat import cache_kw
+
 CONTEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 QUESTION = " Then the fox"
 
@@ -27,7 +29,7 @@ def one_thread():
 def forward_into(model, cache, ids: torch.Tensor, start: int = 0, **kwargs):
     """One forward pass of ``ids`` ``[batch, k]`` at absolute positions ``start..start+k-1``."""
     pos = torch.arange(start, start + ids.shape[1])[None]
-    return model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos, **kwargs)
+    return model(input_ids=ids, **cache_kw(cache), use_cache=True, position_ids=pos, **kwargs)
 
 
 def prefilled_cache(model, ids: torch.Tensor):
@@ -58,7 +60,7 @@ def greedy_continue(model, cache, seen: int, ids: torch.Tensor, n: int) -> torch
 def hf_greedy(model, ids: torch.Tensor, n: int, cache=None, **kwargs) -> torch.Tensor:
     """The ``[batch, n]`` new tokens of transformers' ``model.generate`` (greedy, exactly ``n`` tokens)."""
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+        ids, attention_mask=torch.ones_like(ids), **cache_kw(cache), do_sample=False,
         max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kwargs,
     )
     return out[:, ids.shape[1]:]

@@ -149,12 +149,14 @@ def test_tiny_turboquant_is_available_and_builds(tiny_llama):
     spec = parse_spec("tiny-turboquant")
     assert spec.available() == (True, "")
     cache = build_cache(spec, model)
-    assert type(cache).__name__ == "TinyKVCache"
+    from tiny_turboquant import TinyKVCache
+
+    assert isinstance(cache, TinyKVCache)
     res = generate(model, tok, CONTEXT, max_new_tokens=8, cache=cache, stop_at_eos=False)
-    assert len(res.token_ids) == 8 and res.stats["cache"] == "TinyKVCache"
+    assert len(res.token_ids) == 8 and res.stats["cache"].startswith("TinyKVCache")
     assert cache.get_seq_length() == len(CONTEXT) + 1 + 8 - 1
     assert cache_nbytes(cache) > 0
-    assert type(build_cache("tiny-turboquant:key_bits=4,value_bits=4", model)).__name__ == "TinyKVCache"
+    assert isinstance(build_cache("tiny-turboquant:key_bits=4,value_bits=4", model), TinyKVCache)
 
 
 def test_hf_quantized_is_unavailable_without_optimum_quanto(tiny_llama, monkeypatch):

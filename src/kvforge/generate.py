@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._compat import cache_kw
 from .progress import progress
 from .state import KVState
 
@@ -122,9 +123,9 @@ def generate(
         for step in progress(range(max_new_tokens), desc="generate", disable=not show_progress):
             if use_cache:
                 pos = torch.arange(seq.shape[1] - step_input.shape[1], seq.shape[1], device=device)
-                out = model(input_ids=step_input, past_key_values=cache, use_cache=True, position_ids=pos[None])
+                out = model(input_ids=step_input, **cache_kw(cache), use_cache=True, position_ids=pos[None], logits_to_keep=1)
             else:
-                out = model(input_ids=seq, use_cache=False)
+                out = model(input_ids=seq, use_cache=False, logits_to_keep=1)
             nxt = sample_next(out.logits[:, -1, :], temperature, top_p, generator)
             if step == 0:
                 first = time.perf_counter() - t0
@@ -175,5 +176,5 @@ def prefill(model, tokenizer, text: str | torch.Tensor, cache=None, chunk_size: 
     for start in progress(range(0, ids.shape[1], step), desc="prefill", disable=ids.shape[1] <= step):
         chunk = ids[:, start : start + step]
         pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
-        model(input_ids=chunk, past_key_values=cache, use_cache=True, position_ids=pos)
+        model(input_ids=chunk, **cache_kw(cache), use_cache=True, position_ids=pos, logits_to_keep=1)
     return KVState.from_cache(cache, model, ids)

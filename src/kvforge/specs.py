@@ -253,6 +253,16 @@ def _noisy(model, std, seed):
 def _tiny_turboquant(model, preset, key_bits, value_bits):
     from tiny_turboquant import TinyKVCache
 
+    class TinyKVCacheCompat(TinyKVCache):
+        """TinyKVCache whose ``update`` also takes the ``kwargs=`` keyword that
+        transformers >= 5.24 passes (tiny-turboquant 0.18 only knows the older
+        positional ``cache_kwargs``)."""
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
+            if cache_kwargs is None:
+                cache_kwargs = kwargs.get("kwargs") or kwargs.get("cache_kwargs")
+            return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
     if key_bits or value_bits:
-        return TinyKVCache.for_model(model, key_bits=key_bits or 4, value_bits=value_bits or 4)
-    return TinyKVCache.for_model(model, compression=preset)
+        return TinyKVCacheCompat.for_model(model, key_bits=key_bits or 4, value_bits=value_bits or 4)
+    return TinyKVCacheCompat.for_model(model, compression=preset)

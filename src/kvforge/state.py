@@ -210,7 +210,7 @@ class KVState:
             )
 
     def to_cache(self, model, cache=None, check: bool = True):
-        """Build (or fill) a cache holding this state, ready for ``model.generate(past_key_values=...)``.
+        """Build (or fill) a cache holding this state, ready for ``model.generate(cache=...)``.
 
         ``cache`` defaults to ``DynamicCache(config=model.config)``; any cache whose layers implement
         ``update`` (or kvforge's ``load_state``) can be filled. Continue with input ids that start with

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._compat import cache_kw
 from ..progress import progress
 from .common import CacheLike, cache_factory, model_device
 
@@ -44,7 +45,7 @@ class AgreementResult:
 @torch.inference_mode()
 def _decode(model, prompt: torch.Tensor, cache, steps: int, forced: torch.Tensor | None = None):
     """Greedy decode (or teacher-force ``forced``) for ``steps`` tokens; returns tokens and log-probs."""
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, **cache_kw(cache), use_cache=True, logits_to_keep=1)
     logp = [F.log_softmax(out.logits[0, -1].float(), -1)]
     tokens = []
     n = prompt.shape[1]
@@ -54,7 +55,7 @@ def _decode(model, prompt: torch.Tensor, cache, steps: int, forced: torch.Tensor
         if i == steps - 1:
             break
         pos = torch.tensor([[n + i]], device=prompt.device)
-        out = model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True, position_ids=pos)
+        out = model(input_ids=tok.view(1, 1), **cache_kw(cache), use_cache=True, position_ids=pos)
         logp.append(F.log_softmax(out.logits[0, -1].float(), -1))
     return torch.tensor(tokens), torch.stack(logp)
 

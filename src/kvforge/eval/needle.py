@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._compat import cache_kw
 from ..progress import progress
 from .common import CacheLike, cache_factory, model_device
 
@@ -62,10 +63,10 @@ def _answer(model, tokenizer, document: str, question: str, cache, max_new_token
     device = model_device(model)
     doc = tokenizer(document, return_tensors="pt").input_ids.to(device)
     q = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    model(input_ids=doc, past_key_values=cache, use_cache=True)
+    model(input_ids=doc, **cache_kw(cache), use_cache=True, logits_to_keep=1)
     n = doc.shape[1]
     pos = torch.arange(n, n + q.shape[1], device=device)[None]
-    out = model(input_ids=q, past_key_values=cache, use_cache=True, position_ids=pos)
+    out = model(input_ids=q, **cache_kw(cache), use_cache=True, position_ids=pos, logits_to_keep=1)
     n += q.shape[1]
     new = []
     for i in range(max_new_tokens):
@@ -73,7 +74,7 @@ def _answer(model, tokenizer, document: str, question: str, cache, max_new_token
         new.append(int(tok))
         if i == max_new_tokens - 1:
             break
-        out = model(input_ids=tok.view(1, 1), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n + i]], device=device))
+        out = model(input_ids=tok.view(1, 1), **cache_kw(cache), use_cache=True, position_ids=torch.tensor([[n + i]], device=device))
     return tokenizer.decode(new, skip_special_tokens=True)
 
 

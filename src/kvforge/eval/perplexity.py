@@ -2,7 +2,7 @@
 
 ``decode_faithful_ppl`` (the default): for each window, prefill the first ``context`` tokens into the
 cache, then score the next ``score`` tokens in chunks of ``chunk`` tokens, each chunk one forward pass
-with ``past_key_values=cache``. Every scored token attends to the *stored* (possibly compressed) past,
+with ``cache=cache`` (``past_key_values`` before transformers 5.24). Every scored token attends to the *stored* (possibly compressed) past,
 exactly as during generation. The first scored token is predicted by the prefill's last position.
 
 ``single_pass_ppl``: the transformers docs' recipe, one forward over the window with the cache attached,
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._compat import cache_kw
 from ..progress import progress
 from ..specs import cache_nbytes
 from .common import CacheLike, cache_factory, model_device, token_windows
@@ -58,17 +59,17 @@ def _score_window(model, ids: torch.Tensor, cache, context: int, chunk: int, sin
     n = ids.shape[1]
     if single_pass:
         t = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kw(cache), use_cache=True)
         logits = out.logits[0, context - 1 : n - 1]
         nll = F.cross_entropy(logits.float(), ids[0, context:], reduction="sum")
         return nll.item(), n - context, time.perf_counter() - t
-    out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids[:, :context], **cache_kw(cache), use_cache=True, logits_to_keep=1)
     logits = [out.logits[0, -1:]]  # predicts ids[context]
     t = time.perf_counter()
     for start in range(context, n - 1, chunk):
         stop = min(start + chunk, n - 1)  # the last token is only ever a target
         pos = torch.arange(start, stop, device=ids.device)[None]
-        out = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True, position_ids=pos)
+        out = model(input_ids=ids[:, start:stop], **cache_kw(cache), use_cache=True, position_ids=pos)
         logits.append(out.logits[0])
     logits = torch.cat(logits).float()
     nll = F.cross_entropy(logits, ids[0, context:], reduction="sum")
