@@ -224,3 +224,13 @@ def test_cache_nbytes_of_a_preallocated_cache_is_its_capacity(tiny):
     assert cache_nbytes(cache) == cache.nbytes
     cfg = model.config.get_text_config(decoder=True)
     assert cache.nbytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 256 * cfg.head_dim * 4
+
+
+def test_split_specs_keeps_parameters_with_their_spec():
+    from kvforge.specs import split_specs
+
+    assert split_specs("dynamic,tiny-turboquant:key_bits=4,value_bits=2,noisy:std=0.1") == [
+        "dynamic", "tiny-turboquant:key_bits=4,value_bits=2", "noisy:std=0.1"]
+    assert split_specs("dynamic; noisy:std=0.1") == ["dynamic", "noisy:std=0.1"]
+    with pytest.raises(UnknownCacheSpecError, match="starts with a parameter"):
+        split_specs("nbits=4,dynamic")

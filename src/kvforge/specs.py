@@ -151,6 +151,26 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
     return CacheSpec(name, params)
 
 
+def split_specs(text: str) -> list[str]:
+    """Split a list of specs on commas (or semicolons), keeping a spec's own ``key=value`` parameters.
+
+    ``"dynamic,tiny-turboquant:key_bits=4,value_bits=2,noisy"`` gives
+    ``["dynamic", "tiny-turboquant:key_bits=4,value_bits=2", "noisy"]``: a piece holding ``=`` but no
+    ``:`` continues the spec before it.
+    """
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece:
+            if not specs:
+                raise UnknownCacheSpecError(f"cache list {text!r} starts with a parameter {piece!r}, not a spec name")
+            specs[-1] += ("," if ":" in specs[-1] else ":") + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
 def build_cache(spec: str | CacheSpec, model):
     """A fresh cache for ``model`` from a spec string or :class:`CacheSpec`."""
     return parse_spec(spec).build(model)

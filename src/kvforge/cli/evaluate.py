@@ -17,6 +17,12 @@ def _csv(cast):
     return parse
 
 
+def _spec_list(text: str) -> list[str]:
+    from ..specs import split_specs
+
+    return split_specs(text)
+
+
 def add_commands(sub) -> None:
     from .core import _model_arg
 
@@ -57,17 +63,18 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("bench", help="all metrics for several caches on the same windows, into a results folder")
     _model_arg(p)
-    p.add_argument("--caches", required=True, type=_csv(str), help="comma-separated cache specs")
-    p.add_argument("--metrics", type=_csv(str), default=["ppl", "agree", "needle"])
+    p.add_argument("--caches", required=True, type=_spec_list,
+                   help="comma-separated cache specs, e.g. dynamic,kvforge-quant:preset=safe,tiny-turboquant")
+    p.add_argument("--metrics", type=_csv(str), default=["ppl", "agree", "needle"], help="subset of ppl,agree,needle")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent folder (default ./results)")
-    p.add_argument("--text", default="pydoc")
-    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--score", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=32)
-    p.add_argument("--needle-lengths", type=_csv(int), default=[512, 1024])
-    p.add_argument("--needle-trials", type=int, default=1)
+    p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
+    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"], help="part of the text")
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows (default 4)")
+    p.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
+    p.add_argument("--score", type=int, default=512, help="tokens scored per window (default 512)")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per scoring forward (default 32)")
+    p.add_argument("--needle-lengths", type=_csv(int), default=[512, 1024], help="haystack lengths in tokens")
+    p.add_argument("--needle-trials", type=int, default=1, help="needles per length and depth")
     p.add_argument("--single-pass", action="store_true", help="also report single-pass perplexity")
     p.set_defaults(func=cmd_bench)
 
