@@ -1,0 +1,15 @@
+"""Low-bit quantized KV cache (KIVI layout, bit-packed, rotations, attention on the codes).
+
+    from kvforge.quant import QuantizedKVCache
+    cache = QuantizedKVCache.for_model(model, "safe")
+    model.generate(**inputs, cache=cache)   # past_key_values= on transformers < 5.24
+"""
+
+from ..codecs import register_decoder
+from . import spec as _spec  # noqa: F401  (registers the "kvforge-quant" cache spec)
+from .config import PRESET_HELP, PRESETS, QuantConfig, resolve_config
+from .layer import KIND, QuantizedKVCache, QuantizedLayer, QuantizedView, decode_state
+
+register_decoder(KIND, decode_state)
+
+__all__ = ["PRESETS", "PRESET_HELP", "QuantConfig", "QuantizedKVCache", "QuantizedLayer", "QuantizedView", "resolve_config"]

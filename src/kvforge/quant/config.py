@@ -1,0 +1,105 @@
+"""Quantization settings and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .packing import SUPPORTED_BITS, check_packable
+
+ROTATIONS = ("none", "keys", "both")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one layer's keys and values are quantized.
+
+    key_bits / value_bits: 2, 3, 4 or 8.
+    key_group: tokens per key scale group (keys are quantized per channel over this many tokens).
+    value_group: channels per value scale group (values are quantized per token).
+    residual_length: the most recent tokens kept in full precision (at most this many, a multiple of
+        ``key_group``; older tokens are quantized a whole key group at a time).
+    rotate: "keys" applies an orthogonal Hadamard rotation to keys before quantizing (queries are
+        rotated the same way, so attention scores are unchanged); "both" also rotates values (the
+        attention output is rotated back); "none" is plain KIVI.
+    residual_dtype: storage of the full-precision window ("float16", "bfloat16", or "model").
+    clip: search each value group's clipping range for the smallest squared error instead of plain
+        min/max. Keys are never clipped: queries align with large key components, so clamping them
+        costs more attention accuracy than the finer steps gain (measured on SmolLM2).
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    key_group: int = 32
+    value_group: int = 32
+    residual_length: int = 128
+    rotate: str = "keys"
+    residual_dtype: str = "float16"
+    clip: bool = True
+
+    def __post_init__(self):
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in SUPPORTED_BITS:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.key_group < 1 or self.value_group < 1:
+            raise ValueError("key_group and value_group must be positive")
+        if self.residual_length < 0 or self.residual_length % self.key_group:
+            raise ValueError(
+                f"residual_length ({self.residual_length}) must be a non-negative multiple of key_group ({self.key_group})"
+            )
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate={self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        if self.residual_dtype not in ("float16", "bfloat16", "model"):
+            raise ValueError(f"residual_dtype={self.residual_dtype!r}; choose float16, bfloat16 or model")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.value_group:
+            raise ValueError(f"value_group ({self.value_group}) must divide head_dim ({head_dim})")
+        check_packable(head_dim, self.key_bits, "head_dim")
+        check_packable(head_dim, self.value_bits, "head_dim")
+
+    def bytes_per_token(self, kv_heads: int, head_dim: int) -> float:
+        """Steady-state bytes per token per layer (codes plus float16 scales and zero points), residual excluded."""
+        k = head_dim * self.key_bits / 8 + 2 * 2 * head_dim / self.key_group
+        v = head_dim * self.value_bits / 8 + 2 * 2 * head_dim / self.value_group
+        return kv_heads * (k + v)
+
+    def replace(self, **kw) -> QuantConfig:
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    # With keys rotated, 4-bit groups of 64 lose nothing measurable on SmolLM2 (see benchmarks/quant.py),
+    # and a 64-token full-precision window is enough; that buys the byte budget of "safe".
+    "safe": QuantConfig(4, 4, key_group=64, value_group=64, residual_length=64),
+    "balanced": QuantConfig(4, 3),
+    "compact": QuantConfig(3, 3),
+    "aggressive": QuantConfig(3, 2, value_group=16),
+    # 2-bit keys need small key groups (16 tokens halves the perplexity increase of 32) and the rotation
+    "2bit": QuantConfig(2, 2, key_group=16, value_group=32, rotate="both"),
+    # the smallest: 2-bit with KIVI's 32-token key groups
+    "2bit-tight": QuantConfig(2, 2, key_group=32, value_group=32, rotate="both"),
+}
+PRESET_HELP = {
+    "safe": "K4/V4, groups of 64, 64-token window",
+    "balanced": "K4/V3",
+    "compact": "K3/V3",
+    "aggressive": "K3/V2, value groups of 16",
+    "2bit": "K2/V2, key groups of 16, keys and values rotated",
+    "2bit-tight": "K2/V2, key groups of 32, keys and values rotated",
+}
+
+
+def resolve_config(preset: str | None = None, **explicit) -> QuantConfig:
+    """A preset, or explicit settings; both at once for the bits raises ``ValueError``."""
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    bits_given = {"key_bits", "value_bits"} & set(explicit)
+    if preset is not None and bits_given:
+        raise ValueError(f"give either preset={preset!r} or explicit bits ({', '.join(sorted(bits_given))}), not both")
+    if preset is None:
+        return QuantConfig(**explicit)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **explicit)

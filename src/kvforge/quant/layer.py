@@ -1,0 +1,425 @@
+"""Quantized cache layers and the cache built from them (transformers v5 layer API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..state import KVStateError, LayerState
+from .config import QuantConfig
+from .kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values, rotation
+
+KIND = "kvforge-quant"
+_STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+
+
+@dataclass
+class QuantizedView:
+    """What a quantized layer hands to attention when the fused path is on: the quantized past as
+    codes (not dequantized) plus the recent tokens in full precision, all in the rotated space."""
+
+    layer: QuantizedLayer
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    recent_k: torch.Tensor  # [B, H, R', D] compute dtype, rotated if keys are rotated
+    recent_v: torch.Tensor
+
+    @property
+    def quantized_tokens(self) -> int:
+        return self.k_codes.shape[2]
+
+    @property
+    def shape(self):  # what attention code may ask of a key tensor
+        b, h, r, d = self.recent_k.shape
+        return torch.Size((b, h, self.quantized_tokens + r, d))
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer._dense(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
+                                 self.v_zero, self.recent_k, self.recent_v)
+
+
+class QuantizedLayer(DynamicLayer):
+    """A KIVI-layout quantized layer with a full-precision window of recent tokens.
+
+    Storage: ``k_codes/v_codes`` (bit-packed uint8), ``k_scale/k_zero`` per channel and key group,
+    ``v_scale/v_zero`` per token and value group, and ``res_k/res_v`` (at most ``residual_length`` of
+    the most recent tokens). A forward pass sees the tokens quantized *before* it plus the earlier
+    residual and its own tokens in full precision; its tokens are quantized afterwards, a key group at a
+    time, so the prompt's own prefill attention is never degraded.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, config: QuantConfig, fused: bool = False, sliding_window: int | None = None):
+        super().__init__()
+        self.config = config
+        self.fused = fused
+        self.sliding_window = sliding_window
+        self.total = 0
+        self._clear()
+
+    # -- storage ---------------------------------------------------------------------------
+    def _clear(self):
+        self.k_codes = self.k_scale = self.k_zero = None
+        self.v_codes = self.v_scale = self.v_zero = None
+        self.res_k = self.res_v = None
+        self.keys = self.values = None  # transformers' attribute names; unused here
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        self.config.check_head_dim(d)
+        self.device, self.dtype, self.head_dim = key_states.device, key_states.dtype, d
+        cfg = self.config
+        self.store_dtype = key_states.dtype if cfg.residual_dtype == "model" else getattr(torch, cfg.residual_dtype)
+        self.rot = _rotation(d, self.device) if cfg.rotate != "none" else None
+        kp = _packed(d, cfg.key_bits)
+        vp = _packed(d, cfg.value_bits)
+        e = dict(device=self.device)
+        self.k_codes = torch.empty(b, h, 0, kp, dtype=torch.uint8, **e)
+        self.v_codes = torch.empty(b, h, 0, vp, dtype=torch.uint8, **e)
+        self.k_scale = torch.empty(b, h, 0, d, dtype=torch.float16, **e)
+        self.k_zero = torch.empty_like(self.k_scale)
+        self.v_scale = torch.empty(b, h, 0, d // cfg.value_group, dtype=torch.float16, **e)
+        self.v_zero = torch.empty_like(self.v_scale)
+        self.res_k = torch.empty(b, h, 0, d, dtype=self.store_dtype, **e)
+        self.res_v = torch.empty_like(self.res_k)
+        self.is_initialized = True
+
+    @property
+    def rotates_values(self) -> bool:
+        return self.config.rotate == "both"
+
+    def _rot(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        r = self.rot.T if inverse else self.rot
+        return (x.float() @ r).to(x.dtype)
+
+    @property
+    def quantized_tokens(self) -> int:
+        return 0 if self.k_codes is None else self.k_codes.shape[2]
+
+    @property
+    def stored_tokens(self) -> int:
+        return 0 if self.res_k is None else self.quantized_tokens + self.res_k.shape[2]
+
+    # -- the transformers layer API --------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.rot is not None:
+            key_states = self._rot(key_states)
+            if self.rotates_values:
+                value_states = self._rot(value_states)
+        past = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
+        recent_k = torch.cat([self.res_k.to(key_states.dtype), key_states], dim=2)
+        recent_v = torch.cat([self.res_v.to(value_states.dtype), value_states], dim=2)
+        self.total += key_states.shape[2]
+        self.res_k = torch.cat([self.res_k, key_states.to(self.store_dtype)], dim=2)
+        self.res_v = torch.cat([self.res_v, value_states.to(self.store_dtype)], dim=2)
+        self._flush()
+        if self.sliding_window is not None:
+            self._trim_window()
+        view = QuantizedView(self, *past, recent_k, recent_v)
+        if self.fused:
+            return view, view
+        return view.dense()
+
+    def _flush(self) -> None:
+        """Quantize the oldest whole key groups so that at most ``residual_length`` tokens stay full precision."""
+        g, r = self.config.key_group, self.config.residual_length
+        n = self.res_k.shape[2]
+        if n <= r:
+            return
+        take = min(-(-(n - r) // g), n // g) * g
+        if take == 0:
+            return
+        self._append_quantized(self.res_k[:, :, :take], self.res_v[:, :, :take])
+        self.res_k = self.res_k[:, :, take:].clone()
+        self.res_v = self.res_v[:, :, take:].clone()
+
+    def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        cfg = self.config
+        kc, ks, kz = quantize_keys(k, cfg.key_bits, cfg.key_group)
+        vc, vs, vz = quantize_values(v, cfg.value_bits, cfg.value_group, clip=cfg.clip)
+        self.k_codes = torch.cat([self.k_codes, kc], 2)
+        self.k_scale = torch.cat([self.k_scale, ks], 2)
+        self.k_zero = torch.cat([self.k_zero, kz], 2)
+        self.v_codes = torch.cat([self.v_codes, vc], 2)
+        self.v_scale = torch.cat([self.v_scale, vs], 2)
+        self.v_zero = torch.cat([self.v_zero, vz], 2)
+
+    def _trim_window(self) -> None:
+        """Sliding layers keep what the next step can see (``sliding_window - 1`` tokens), rounded up to whole
+        key groups in the quantized part; the attention mask (``get_mask_sizes``) accounts for the extra."""
+        keep = self.sliding_window - 1
+        g = self.config.key_group
+        extra = self.stored_tokens - keep
+        drop_groups = min(max(extra, 0) // g, self.quantized_tokens // g)
+        if drop_groups:
+            self._drop_first_groups(drop_groups)
+        if self.quantized_tokens == 0 and self.res_k.shape[2] > keep:
+            self.res_k = self.res_k[:, :, -keep:].clone()
+            self.res_v = self.res_v[:, :, -keep:].clone()
+
+    def _drop_first_groups(self, n_groups: int) -> None:
+        t = n_groups * self.config.key_group
+        self.k_codes, self.v_codes = self.k_codes[:, :, t:].clone(), self.v_codes[:, :, t:].clone()
+        self.k_scale, self.k_zero = self.k_scale[:, :, n_groups:].clone(), self.k_zero[:, :, n_groups:].clone()
+        self.v_scale, self.v_zero = self.v_scale[:, :, t:].clone(), self.v_zero[:, :, t:].clone()
+
+    def _dense(self, kc, ks, kz, vc, vs, vz, rk, rv) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys/values in the model's space (rotations undone), compute dtype of ``rk``."""
+        cfg, d = self.config, self.head_dim
+        k = torch.cat([dequantize_keys(kc, ks, kz, cfg.key_bits, cfg.key_group, d, rk.dtype), rk], 2)
+        v = torch.cat([dequantize_values(vc, vs, vz, cfg.value_bits, cfg.value_group, d, rv.dtype), rv], 2)
+        if self.rot is not None:
+            k = self._rot(k, inverse=True)
+            if self.rotates_values:
+                v = self._rot(v, inverse=True)
+        return k, v
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens, dequantized, in the model's dtype and space."""
+        if not self.is_initialized:
+            raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
+        return self._dense(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
+                           self.res_k.to(self.dtype), self.res_v.to(self.dtype))
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        stored = self.stored_tokens
+        return stored + query_length, self.total - stored
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.sliding_window is not None else -1
+
+    def reset(self) -> None:
+        self._clear()
+        self.total = 0
+
+    def crop(self, max_length: int) -> None:
+        """``crop(-n)`` removes the last ``n`` tokens (transformers >= 5.24); ``crop(n >= 0)`` keeps the first
+        ``n`` (older transformers). A partly removed key group is dequantized back into the residual."""
+        if not self.is_initialized:
+            return
+        remove = -max_length if max_length < 0 else self.total - max_length
+        if remove <= 0:
+            return
+        if remove > self.stored_tokens:
+            raise ValueError(f"cannot crop {remove} tokens: this layer holds only {self.stored_tokens}")
+        self.total -= remove
+        nres = self.res_k.shape[2]
+        if remove <= nres:
+            self.res_k, self.res_v = self.res_k[:, :, : nres - remove], self.res_v[:, :, : nres - remove]
+            return
+        keep_q = self.quantized_tokens - (remove - nres)
+        g = self.config.key_group
+        full = keep_q // g
+        k, v = self._dense(*self._stored_slices(full * g, keep_q), self.res_k[:, :, :0].to(self.dtype),
+                           self.res_v[:, :, :0].to(self.dtype))
+        if self.rot is not None:  # back to the stored (rotated) space
+            k = self._rot(k)
+            if self.rotates_values:
+                v = self._rot(v)
+        t = full * g
+        self.k_codes, self.v_codes = self.k_codes[:, :, :t], self.v_codes[:, :, :t]
+        self.k_scale, self.k_zero = self.k_scale[:, :, :full], self.k_zero[:, :, :full]
+        self.v_scale, self.v_zero = self.v_scale[:, :, :t], self.v_zero[:, :, :t]
+        self.res_k = k[:, :, : keep_q - t].to(self.store_dtype)
+        self.res_v = v[:, :, : keep_q - t].to(self.store_dtype)
+
+    def _stored_slices(self, start: int, stop: int):
+        """Quantized tensors for whole key groups covering tokens ``[start, stop)``, ``start`` group-aligned."""
+        g = self.config.key_group
+        g0, g1 = start // g, -(-stop // g)
+        t0, t1 = g0 * g, g1 * g
+        return (self.k_codes[:, :, t0:t1], self.k_scale[:, :, g0:g1], self.k_zero[:, :, g0:g1],
+                self.v_codes[:, :, t0:t1], self.v_scale[:, :, t0:t1], self.v_zero[:, :, t0:t1])
+
+    def _apply_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in (*_STORE, "res_k", "res_v"):
+            setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices, ...])
+
+    def offload(self):
+        self._apply_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self._apply_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    # -- bytes and export --------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in (*_STORE, "res_k", "res_v"))
+
+    def export_state(self) -> LayerState:
+        if not self.is_initialized:
+            raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
+        tensors = {n: getattr(self, n).detach().clone() for n in (*_STORE, "res_k", "res_v")}
+        meta = {"config": self.config.to_dict(), "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch.")}
+        return LayerState(KIND, tensors, self.stored_tokens, meta)
+
+    def load_state(self, state: LayerState, total_tokens: int) -> None:
+        """Fill this (empty) layer from a saved quantized state (bit-exact) or from dense keys/values
+        (quantized now with this layer's settings)."""
+        if self.stored_tokens:
+            raise KVStateError("the cache to import into must be empty")
+        if state.kind == KIND and QuantConfig(**state.meta["config"]) == self.config:
+            t = state.tensors
+            b, h, _, d = t["res_k"].shape
+            like = torch.empty(b, h, 0, d, dtype=getattr(torch, state.meta["dtype"]), device=t["res_k"].device)
+            self.lazy_initialization(like, like)
+            for n in (*_STORE, "res_k", "res_v"):
+                setattr(self, n, t[n].to(self.device))
+            self.total = total_tokens
+            return
+        d = state.to_dense()
+        k, v = d.tensors["keys"], d.tensors["values"]
+        if self.sliding_window is not None:
+            k, v = k[:, :, -(self.sliding_window - 1):], v[:, :, -(self.sliding_window - 1):]
+        elif d.length != total_tokens:
+            raise KVStateError(f"a full-attention layer needs all {total_tokens} tokens, the state holds {d.length}")
+        self.update(k, v)
+        self.total = total_tokens
+
+
+_ROTATIONS: dict = {}
+
+
+def _rotation(dim: int, device) -> torch.Tensor:
+    """One shared rotation matrix per (head_dim, device), not one per layer."""
+    key = (dim, str(device))
+    if key not in _ROTATIONS:
+        _ROTATIONS[key] = rotation(dim).to(device)
+    return _ROTATIONS[key]
+
+
+def _packed(dim: int, bits: int) -> int:
+    from .packing import packed_size
+
+    return packed_size(dim, bits)
+
+
+def decode_state(state: LayerState) -> LayerState:
+    """A saved ``kvforge-quant`` layer as dense keys and values (for slicing, translation, other caches)."""
+    cfg = QuantConfig(**state.meta["config"])
+    layer = QuantizedLayer(cfg)
+    layer.load_state(state, state.length)
+    k, v = layer.dequantized()
+    return LayerState.dense(k, v)
+
+
+class QuantizedKVCache(Cache):
+    """A transformers ``Cache`` of :class:`QuantizedLayer` s; pass it as ``cache=`` (``past_key_values=``).
+
+    Build it with :meth:`for_model` (knows the layer count and which layers slide) or
+    :meth:`from_model` (bits picked by a calibration pass). Layers listed in ``protected`` (negative
+    indices count from the end) stay in full precision as plain transformers layers.
+    """
+
+    def __init__(self, configs: list[QuantConfig | None], layer_types: list[str] | None = None,
+                 sliding_window: int | None = None, fused: bool = False):
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        layer_types = layer_types or ["full_attention"] * len(configs)
+        layers = []
+        for cfg, kind in zip(configs, layer_types, strict=True):
+            window = sliding_window if kind == "sliding_attention" else None
+            if cfg is None:
+                layers.append(DynamicSlidingWindowLayer(window) if window else DynamicLayer())
+            else:
+                layer = QuantizedLayer(cfg, fused=fused, sliding_window=window)
+                layer.is_sliding = window is not None
+                layers.append(layer)
+        super().__init__(layers=layers)
+        self.configs = configs
+        self.fused = fused
+
+    @classmethod
+    def for_model(cls, model, preset: str | None = None, *, key_bits=None, value_bits=None, key_group=None,
+                  value_group=None, residual_length=None, rotate=None, residual_dtype=None, clip=None,
+                  protect_first: int = 0, protect_last: int = 0, protected_layers=(), per_layer=None,
+                  fused: bool | None = None) -> QuantizedKVCache:
+        """A cache for ``model``: a preset (default ``safe``) or explicit bits, plus protected layers.
+
+        ``per_layer`` (a list of ``QuantConfig`` or ``None``) overrides everything per layer, as
+        :func:`kvforge.quant.recommend` produces. ``fused`` (default: on when the model can use
+        kvforge's attention) computes attention on the codes instead of dequantizing the past.
+        """
+        from ..models import layer_types as model_layer_types
+        from ..models import text_config
+        from .config import resolve_config
+
+        tc = text_config(model)
+        n = tc.num_hidden_layers
+        types = model_layer_types(model)
+        if per_layer is not None:
+            if len(per_layer) != n:
+                raise ValueError(f"per_layer has {len(per_layer)} entries; the model has {n} layers")
+            configs = list(per_layer)
+        else:
+            if preset is None and key_bits is None and value_bits is None:
+                preset = "safe"
+            cfg = resolve_config(preset, key_bits=key_bits, value_bits=value_bits, key_group=key_group,
+                                 value_group=value_group, residual_length=residual_length, rotate=rotate,
+                                 residual_dtype=residual_dtype, clip=clip)
+            configs = [cfg] * n
+        protected = set()
+        for i in protected_layers:
+            if not -n <= i < n:
+                raise ValueError(f"protected layer {i} is out of range for a model with {n} layers")
+            protected.add(i % n)
+        protected |= set(range(min(protect_first, n))) | set(range(max(n - protect_last, 0), n))
+        configs = [None if i in protected else c for i, c in enumerate(configs)]
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        # a value group wider than the head is the whole head
+        configs = [c.replace(value_group=head_dim) if c is not None and c.value_group > head_dim else c for c in configs]
+        for c in configs:
+            if c is not None:
+                c.check_head_dim(head_dim)
+        if fused is None:
+            from .attention import install
+
+            fused = install(model)
+        elif fused:
+            from .attention import install
+
+            if not install(model):
+                raise ValueError("fused attention needs a model whose attention kvforge can replace")
+        return cls(configs, types, getattr(tc, "sliding_window", None), fused=fused)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, mode: str = "balanced", text: str | None = None, **kw) -> QuantizedKVCache:
+        """Calibrate on a short text (default: the calibration split of the built-in text) and build the
+        cache with the recommended per-layer bits."""
+        from .calibrate import calibrate
+
+        report = calibrate(model, tokenizer, text=text)
+        return cls.for_model(model, per_layer=report.recommend(mode), **kw)
+
+    @property
+    def nbytes(self) -> int:
+        from ..specs import cache_nbytes
+
+        return cache_nbytes(self)
