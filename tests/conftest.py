@@ -101,3 +101,8 @@ def bundled(request):
 @pytest.fixture(scope="session")
 def smollm():
     return real_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_gemma():
+    return real_model("gemma3-270m")

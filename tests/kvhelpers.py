@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -68,3 +71,12 @@ def hf_greedy(model, ids: torch.Tensor, n: int, cache=None, **kwargs) -> torch.T
 
 def ids_of(tok, text: str, special: bool = True) -> torch.Tensor:
     return tok(text, return_tensors="pt", add_special_tokens=special).input_ids
+
+
+def run_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """``kvforge ARGS`` in a fresh process (what a user runs), quiet progress bars."""
+    env = {**os.environ, "KVFORGE_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-m", "kvforge", *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r

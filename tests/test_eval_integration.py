@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from kvhelpers import run_cli
 
 from kvforge.eval import agreement, default_prompts, needle, perplexity, token_windows
 from kvforge.texts import load_text
@@ -45,22 +43,14 @@ def test_real_model_metrics_detect_a_corrupted_cache(smollm):
     assert broken.mean_accuracy < ok.mean_accuracy
 
 
-def _kvforge(*args, check=True):
-    env = {**os.environ, "KVFORGE_QUIET": "1"}
-    r = subprocess.run([sys.executable, "-m", "kvforge", *args], capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
-
-
 def test_cli_eval_and_bench(tmp_path):
-    r = _kvforge("eval", "ppl", "--model", "smollm2-135m", "--cache", "preallocated:max_seq_len=256",
+    r = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "preallocated:max_seq_len=256",
                  "--windows", "1", "--context", "128", "--score", "64", "--json")
     data = json.loads(r.stdout)
     assert data["tokens"] == 64 and abs(data["rel_change"]) < 1e-4
-    bad = _kvforge("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9", check=False)
+    bad = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9", check=False)
     assert bad.returncode != 0 and "known:" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    r = _kvforge("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",
+    r = run_cli("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",
                  "--metrics", "ppl,agree", "--windows", "1", "--context", "128", "--score", "64",
                  "--out", str(tmp_path))
     (folder,) = list(tmp_path.iterdir())

@@ -234,3 +234,14 @@ def test_split_specs_keeps_parameters_with_their_spec():
     assert split_specs("dynamic; noisy:std=0.1") == ["dynamic", "noisy:std=0.1"]
     with pytest.raises(UnknownCacheSpecError, match="starts with a parameter"):
         split_specs("nbits=4,dynamic")
+
+
+def test_tiny_turboquant_cache_exports_to_a_dense_state(tiny_llama):
+    from kvforge import KVState
+
+    model, tok = tiny_llama
+    cache = build_cache("tiny-turboquant", model)
+    ids = tok(CONTEXT, return_tensors="pt").input_ids
+    forward_into(model, cache, ids)
+    state = KVState.from_cache(cache, model, ids)
+    assert state.num_tokens == ids.shape[1] and state.layers[0].kind == "dense"

@@ -62,6 +62,14 @@ def dense_kv(layer) -> tuple[torch.Tensor, torch.Tensor]:
             raise KVStateError("exporting a static sliding-window cache is not supported; use a DynamicCache")
         n = int(layer.cumulative_length)
         return layer.keys[:, :, :n], layer.values[:, :, :n]
+    if hasattr(layer, "_materialize_full"):  # tiny-turboquant's TinyKVLayer (its codes are not a public API)
+        try:
+            k, v = layer._materialize_full()
+        except Exception as e:  # noqa: BLE001 - a peer's internals; say what failed
+            raise KVStateError(f"cannot export a {type(layer).__name__} layer: {e}") from e
+        if k.shape[-2] != layer.get_seq_length():
+            raise KVStateError(f"{type(layer).__name__} returned {k.shape[-2]} tokens for {layer.get_seq_length()}")
+        return k, v
     if isinstance(layer, DynamicLayer):
         return layer.keys, layer.values
     raise KVStateError(f"cannot export a cache layer of type {type(layer).__name__}")

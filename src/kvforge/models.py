@@ -157,11 +157,21 @@ def load_model(
             f"unknown model {name_or_path!r}: not a bundled name ({', '.join(BUNDLED)}), "
             "not an existing directory, and not a hub id (owner/name)"
         )
+    from transformers.utils import logging as hf_logging
+
+    from .progress import quiet
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet():  # KVFORGE_QUIET also silences transformers' "Loading weights" bars
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as e:
         raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device).eval()
     model.kvforge_name = name_or_path
     if tokenizer.pad_token_id is None:

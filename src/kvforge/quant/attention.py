@@ -97,6 +97,11 @@ def kvforge_attention(module, query, key, value, attention_mask, dropout: float 
             raise RuntimeError("kvforge's quantized attention is for inference; it does not apply dropout")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
+        if kwargs.get("softcap") is None:
+            from . import triton_decode
+
+            if triton_decode.supports(key, query, attention_mask):
+                return triton_decode.fused_decode(query, key, scaling), None
         return quantized_attention(query, key, attention_mask, scaling, kwargs.get("softcap"))
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
