@@ -138,52 +138,35 @@ def test_update_returns_all_held_tokens_like_dynamic_layer():
     assert pre.get_max_length() == 64 and dyn.get_max_length() == -1
 
 
-@pytest.mark.parametrize("remove", [-1, -4, -10])
-def test_crop_like_dynamic_layer(remove):
+@pytest.mark.parametrize(
+    ("op", "batch"),
+    [
+        (lambda layer: layer.crop(-1), 3),
+        (lambda layer: layer.crop(-4), 3),
+        (lambda layer: layer.crop(-10), 3),
+        (lambda layer: layer.crop(0), 3),
+        (lambda layer: layer.reorder_cache(torch.tensor([2, 0, 0])), 3),
+        (lambda layer: layer.batch_repeat_interleave(2), 6),
+        (lambda layer: layer.batch_select_indices(torch.tensor([0, 2])), 2),
+        (lambda layer: layer.batch_select_indices(torch.tensor([True, False, True])), 2),
+    ],
+    ids=["crop-1", "crop-4", "crop-10", "crop0", "reorder", "repeat", "select-idx", "select-mask"],
+)
+def test_layer_operations_like_dynamic_layer(op, batch):
     pre, dyn, kv = _pair()
-    pre.crop(remove)
-    dyn.crop(remove)
+    op(pre)
+    op(dyn)
     _assert_same(pre, dyn)
+    assert pre.keys.shape[0] == batch
     _append_and_compare(pre, dyn, kv)
 
 
-def test_crop_zero_and_legacy_positive_length():
+def test_legacy_positive_crop_is_a_length_to_keep():
     pre, dyn, kv = _pair()
-    pre.crop(0)
-    dyn.crop(0)
-    _assert_same(pre, dyn)
     # a positive value is transformers' legacy "length to keep"; DynamicLayer now rejects it
     pre.crop(7)
     dyn.crop(-3)
     _assert_same(pre, dyn)
-    _append_and_compare(pre, dyn, kv)
-
-
-def test_reorder_cache_like_dynamic_layer():
-    pre, dyn, kv = _pair()
-    beam_idx = torch.tensor([2, 0, 0])
-    pre.reorder_cache(beam_idx)
-    dyn.reorder_cache(beam_idx)
-    _assert_same(pre, dyn)
-    _append_and_compare(pre, dyn, kv)
-
-
-def test_batch_repeat_interleave_like_dynamic_layer():
-    pre, dyn, kv = _pair()
-    pre.batch_repeat_interleave(2)
-    dyn.batch_repeat_interleave(2)
-    _assert_same(pre, dyn)
-    assert pre.keys.shape[0] == 6
-    _append_and_compare(pre, dyn, kv)
-
-
-@pytest.mark.parametrize("indices", [torch.tensor([0, 2]), torch.tensor([True, False, True])])
-def test_batch_select_indices_like_dynamic_layer(indices):
-    pre, dyn, kv = _pair()
-    pre.batch_select_indices(indices)
-    dyn.batch_select_indices(indices)
-    _assert_same(pre, dyn)
-    assert pre.keys.shape[0] == 2
     _append_and_compare(pre, dyn, kv)
 
 

@@ -151,9 +151,7 @@ def test_chunked_prefill_matches_one_pass(tiny):
     for a, b in zip(one.layers, chunked.layers):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
-    r1 = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=one, stop_at_eos=False)
-    r2 = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=chunked, stop_at_eos=False)
-    assert r1.token_ids == r2.token_ids
+    _assert_same_continuation(model, tok, one, chunked)
 
 
 def test_from_cache_rejects_wrong_token_count(tiny):
@@ -387,9 +385,7 @@ def test_prefix_state_plus_continuation_state_generates_identically(tiny):
         torch.testing.assert_close(a.keys[:, :, -b.length :], b.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.values[:, :, -b.length :], b.values, atol=1e-5, rtol=1e-5)
 
-    a = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=joined, stop_at_eos=False)
-    b = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=one_pass, stop_at_eos=False)
-    assert a.token_ids == b.token_ids
+    _assert_same_continuation(model, tok, joined, one_pass)
 
 
 def test_token_prefix_of_full_attention_state_continues_like_its_own_prefill(tiny_llama):
@@ -478,3 +474,10 @@ def test_batch_of_two_exported_and_imported_continues_identically(tiny, tmp_path
         single = prefill(model, tok, ids_of(tok, text))
         alone = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=single, stop_at_eos=False)
         assert ref[row].tolist() == alone.token_ids
+
+
+def _assert_same_continuation(model, tok, a, b):
+    """Greedy continuations of QUESTION from two states are identical."""
+    ra = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=a, stop_at_eos=False)
+    rb = generate(model, tok, QUESTION, max_new_tokens=N_NEW, state=b, stop_at_eos=False)
+    assert ra.token_ids == rb.token_ids

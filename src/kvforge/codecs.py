@@ -33,14 +33,9 @@ def decode_layer(layer: LayerState) -> LayerState:
 
 
 def _load_known_decoders() -> None:
-    # encodings defined in sub-packages register themselves on import
-    import importlib
+    from ._capabilities import load_capabilities
 
-    for mod in ("kvforge.quant",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    load_capabilities()
 
 
 def dense_kv(layer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,14 +59,9 @@ def register(name: str, defaults: dict[str, Any], description: str, requires=(),
 
 
 def _ensure_registered() -> None:
-    # capabilities in sub-packages register their specs on import
-    import importlib
+    from ._capabilities import load_capabilities
 
-    for mod in ("kvforge.quant",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    load_capabilities()
 
 
 def known_specs() -> dict[str, CacheKind]:

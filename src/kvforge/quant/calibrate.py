@@ -88,7 +88,7 @@ def _errors(k: torch.Tensor, v: torch.Tensor, base: QuantConfig, rotate_keys: bo
     for b in BITS:
         ke[b] = _rel(kr, dequantize_keys(*quantize_keys(kr, b, base.key_group), b, base.key_group, d))
         vg = base.value_group if b > 2 else min(base.value_group, 16)
-        ve[b] = _rel(vr, dequantize_values(*quantize_values(vr, b, vg, clip=base.clip), b, vg, d))
+        ve[b] = _rel(vr, dequantize_values(*quantize_values(vr, b, vg, clip=base.clip and b <= 2), b, vg, d))
     return ke, ve
 
 

@@ -147,7 +147,7 @@ class QuantizedLayer(DynamicLayer):
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         cfg = self.config
         kc, ks, kz = quantize_keys(k, cfg.key_bits, cfg.key_group)
-        vc, vs, vz = quantize_values(v, cfg.value_bits, cfg.value_group, clip=cfg.clip)
+        vc, vs, vz = quantize_values(v, cfg.value_bits, cfg.value_group, clip=cfg.clip and cfg.value_bits <= 2)
         self.k_codes = torch.cat([self.k_codes, kc], 2)
         self.k_scale = torch.cat([self.k_scale, ks], 2)
         self.k_zero = torch.cat([self.k_zero, kz], 2)
