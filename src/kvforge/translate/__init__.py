@@ -1,0 +1,15 @@
+"""Cross-model KV-cache translation: a target model continues from a source model's cache.
+
+    from kvforge.translate import fit, Translator
+    tr = fit(src_model, tgt_model, src_tok, tgt_tok, texts)          # ridge, both models frozen
+    tgt_state = tr.translate(src_state, text, src_model, tgt_model, src_tok, tgt_tok)
+    kvforge.generate(tgt_model, tgt_tok, question, state=tgt_state)
+"""
+
+from .align import Alignment, align
+from .layers import STRATEGIES, layer_map
+from .rope import apply_rope, cos_sin, remove_rope
+from .translator import Translator, TranslatorConfig, TranslatorMismatchError, fit, identity, unrotated
+
+__all__ = ["Alignment", "STRATEGIES", "Translator", "TranslatorConfig", "TranslatorMismatchError", "align",
+           "apply_rope", "cos_sin", "fit", "identity", "layer_map", "remove_rope", "unrotated"]

@@ -1,0 +1,242 @@
+"""The translator: per target layer, a linear map from the aligned source tokens' un-rotated keys and
+values (of the mapped source layers) to the target's un-rotated keys and values.
+
+``fit`` solves it in closed form (ridge regression on calibration text, both models frozen);
+``translate`` turns a source ``KVState`` into a target ``KVState`` that the target continues from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..state import KVState, KVStateError, LayerState
+from .align import align
+from .layers import layer_map
+from .rope import apply_rope, cos_sin, remove_rope
+
+FORMAT = 1
+
+
+class TranslatorMismatchError(ValueError):
+    """A translator used with models other than the pair it was fitted for."""
+
+
+@dataclass
+class TranslatorConfig:
+    source: str
+    target: str
+    source_fingerprint: str
+    target_fingerprint: str
+    source_shape: list[int]  # layers, kv heads, head_dim
+    target_shape: list[int]
+    layers: list[list[int]]  # source layers feeding each target layer
+    strategy: str = "nearest"
+    k: int = 3
+    ridge: float = 1e-2
+    tokens_fitted: int = 0
+    identity: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _model_shape(model) -> list[int]:
+    from ..models import text_config
+
+    tc = text_config(model)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return [tc.num_hidden_layers, tc.num_key_value_heads, head_dim]
+
+
+def unrotated(state: KVState, model, layers: list[int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Keys with RoPE removed (model's own rotary embedding, per layer type) and values, per layer index,
+    for the tokens each layer holds (``[B, H, n, D]``)."""
+    out = {}
+    wanted = range(len(state.layers)) if layers is None else layers
+    for i in wanted:
+        layer = state.layers[i].to_dense()
+        k, v = layer.tensors["keys"], layer.tensors["values"]
+        pos = state.positions[-k.shape[2]:]
+        cos, sin = cos_sin(model, pos, state.layer_types[i])
+        out[i] = (remove_rope(k.float(), cos, sin), v.float())
+    return out
+
+
+class Translator(torch.nn.Module):
+    def __init__(self, config: TranslatorConfig):
+        super().__init__()
+        self.config = config
+        _, sh, sd = config.source_shape
+        _, th, td = config.target_shape
+        self.maps = torch.nn.ModuleList(
+            torch.nn.Linear(len(src) * sh * sd * 2, th * td * 2) for src in config.layers)
+        # the target's own keys/values of its first special token (e.g. <bos>) at position 0, per layer
+        self.register_buffer("bos_k", torch.zeros(len(config.layers), th, td))
+        self.register_buffer("bos_v", torch.zeros(len(config.layers), th, td))
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_pair(self, source_model, target_model) -> None:
+        from ..models import fingerprint
+
+        got = (fingerprint(source_model), fingerprint(target_model))
+        want = (self.config.source_fingerprint, self.config.target_fingerprint)
+        if got != want:
+            raise TranslatorMismatchError(
+                f"this translator was fitted for {self.config.source} -> {self.config.target} "
+                f"(fingerprints {want[0]} -> {want[1]}); the models given have fingerprints {got[0]} -> {got[1]}")
+
+    # -- features ------------------------------------------------------------------------------
+    def features(self, src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, layer: int):
+        """``[Nt, F]`` source features of target ``layer`` for each target token (batch 1)."""
+        parts = []
+        idx = index.clamp_min(0)
+        for j in self.config.layers[layer]:
+            k, v = src[j]
+            n = k.shape[2]
+            off = idx - (len_total(src) - n)  # sliding source layers hold only their last n tokens
+            if (off[index >= 0] < 0).any():
+                raise KVStateError(f"source layer {j} holds only its last {n} tokens; the alignment needs older ones")
+            off = off.clamp(0, n - 1)
+            parts.append(k[0][:, off].permute(1, 0, 2).reshape(len(index), -1))
+            parts.append(v[0][:, off].permute(1, 0, 2).reshape(len(index), -1))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
+                  target_tokenizer) -> KVState:
+        """The target's KV state for ``text``, from the source's ``state`` of the same text."""
+        from ..models import fingerprint, layer_types
+
+        self.check_pair(source_model, target_model)
+        a = align(text, source_tokenizer, target_tokenizer)
+        if state.token_ids.shape[1] != len(a.source_ids) or not torch.equal(state.token_ids[0].cpu(), a.source_ids):
+            raise KVStateError("the source state does not hold the tokens of this text (tokenize it with the source "
+                               "tokenizer, special tokens included)")
+        n_t, (_, th, td) = len(a.target_ids), self.config.target_shape
+        types = layer_types(target_model)
+        positions = torch.arange(n_t)
+        if self.config.identity:
+            return state
+        src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
+        out = []
+        for i, lin in enumerate(self.maps):
+            y = lin(self.features(src, a.index, i).float())  # [Nt, 2*th*td]
+            k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
+            special = a.index < 0
+            if special.any():
+                k[:, special], v[:, special] = self.bos_k[i][:, None], self.bos_v[i][:, None]
+            cos, sin = cos_sin(target_model, positions, types[i])
+            dtype = next(target_model.parameters()).dtype
+            out.append(LayerState.dense(apply_rope(k[None], cos, sin).to(dtype), v[None].to(dtype).contiguous()))
+        tc = _tc(target_model)
+        return KVState(out, a.target_ids[None], positions, list(types), fingerprint(target_model),
+                       model_name=self.config.target, sliding_window=getattr(tc, "sliding_window", None),
+                       num_model_layers=len(out), meta={"translated_from": self.config.source})
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        meta = {"kvforge-translator": json.dumps({"format": FORMAT, "config": asdict(self.config)})}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Translator:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
+            raise KVStateError(f"{path}: not a readable translator file ({e})") from e
+        if "kvforge-translator" not in meta:
+            raise KVStateError(f"{path}: not a kvforge translator (no 'kvforge-translator' metadata)")
+        info = json.loads(meta["kvforge-translator"])
+        if info["format"] > FORMAT:
+            raise KVStateError(f"{path}: translator format {info['format']} is newer than this kvforge ({FORMAT})")
+        t = cls(TranslatorConfig(**info["config"]))
+        t.load_state_dict(load_file(str(path)))
+        return t
+
+
+def len_total(src: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Tokens of the longest (full-attention) source layer: the whole text."""
+    return max(k.shape[2] for k, _ in src.values())
+
+
+def _tc(model):
+    from ..models import text_config
+
+    return text_config(model)
+
+
+def identity(model, name: str = "") -> Translator:
+    """The same-model translator: a state passes through unchanged."""
+    from ..models import fingerprint
+
+    shape = _model_shape(model)
+    fp = fingerprint(model)
+    cfg = TranslatorConfig(name, name, fp, fp, shape, shape, [[i] for i in range(shape[0])], identity=True)
+    return Translator(cfg)
+
+
+@torch.no_grad()
+def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: list[str], strategy: str = "nearest",
+        k: int = 3, ridge: float = 1e-2, source_name: str = "", target_name: str = "",
+        show_progress: bool = True) -> Translator:
+    """Closed-form ridge fit of every target layer's map on ``texts`` (both models frozen)."""
+    from transformers import DynamicCache
+
+    from .._compat import cache_kw
+    from ..models import fingerprint, layer_types
+    from ..progress import progress
+
+    s_shape, t_shape = _model_shape(source_model), _model_shape(target_model)
+    # a sliding-window source layer forgets tokens older than its window, so by default only the source's
+    # full-attention layers feed the map: then any context length translates
+    usable = [i for i, t in enumerate(layer_types(source_model)) if t != "sliding_attention"]
+    layers = [[usable[j] for j in js] for js in layer_map(len(usable), t_shape[0], strategy, k)]
+    cfg = TranslatorConfig(source_name, target_name, fingerprint(source_model), fingerprint(target_model), s_shape,
+                           t_shape, layers, strategy, k, ridge)
+    tr = Translator(cfg)
+    xtx = [None] * t_shape[0]
+    xty = [None] * t_shape[0]
+    tokens = 0
+    s_dev = next(source_model.parameters()).device
+    t_dev = next(target_model.parameters()).device
+    for text in progress(texts, desc="fit translator", disable=not show_progress):
+        a = align(text, source_tokenizer, target_tokenizer)
+        sc, tc = DynamicCache(config=source_model.config), DynamicCache(config=target_model.config)
+        source_model(input_ids=a.source_ids[None].to(s_dev), **cache_kw(sc), use_cache=True, logits_to_keep=1)
+        target_model(input_ids=a.target_ids[None].to(t_dev), **cache_kw(tc), use_cache=True, logits_to_keep=1)
+        s_state = KVState.from_cache(sc, source_model, a.source_ids[None])
+        t_state = KVState.from_cache(tc, target_model, a.target_ids[None])
+        src = unrotated(s_state, source_model, sorted({j for ls in layers for j in ls}))
+        tgt = unrotated(t_state, target_model)
+        keep = a.index >= 0
+        n_t = len(a.target_ids)
+        for i in range(t_shape[0]):
+            x = tr.features(src, a.index, i)[keep]
+            x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+            tk, tv = tgt[i]
+            held = tk.shape[2]  # a sliding target layer holds only its last tokens
+            rows = torch.arange(n_t)[keep]
+            sel = rows >= n_t - held
+            y = torch.cat([tk[0].permute(1, 0, 2).reshape(held, -1), tv[0].permute(1, 0, 2).reshape(held, -1)], 1)
+            y = y[rows[sel] - (n_t - held)].double()
+            x = x[sel]
+            xtx[i] = x.T @ x if xtx[i] is None else xtx[i] + x.T @ x
+            xty[i] = x.T @ y if xty[i] is None else xty[i] + x.T @ y
+            if not keep[0] and held == n_t:  # the target's own first special token, e.g. <bos>
+                tr.bos_k[i], tr.bos_v[i] = tk[0][:, 0], tv[0][:, 0]
+        tokens += int(keep.sum())
+    for i, lin in enumerate(tr.maps):
+        a_ = xtx[i]
+        f = a_.shape[0] - 1
+        reg = ridge * torch.trace(a_[:f, :f]) / f
+        w = torch.linalg.solve(a_ + reg * torch.diag(torch.cat([torch.ones(f), torch.zeros(1)]).double()), xty[i])
+        lin.weight.copy_(w[:f].T.float())
+        lin.bias.copy_(w[f].float())
+    tr.config.tokens_fitted = tokens
+    return tr
