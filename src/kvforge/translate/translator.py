@@ -89,20 +89,26 @@ class Translator(torch.nn.Module):
                 f"(fingerprints {want[0]} -> {want[1]}); the models given have fingerprints {got[0]} -> {got[1]}")
 
     # -- features ------------------------------------------------------------------------------
-    def features(self, src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, layer: int):
-        """``[Nt, F]`` source features of target ``layer`` for each target token (batch 1)."""
-        parts = []
+    @staticmethod
+    def gather(src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per source layer, ``[Nt, 2 * heads * head_dim]``: keys then values of the source token aligned
+        with each target token (batch 1)."""
+        out = {}
+        total = len_total(src)
         idx = index.clamp_min(0)
-        for j in self.config.layers[layer]:
-            k, v = src[j]
+        for j, (k, v) in src.items():
             n = k.shape[2]
-            off = idx - (len_total(src) - n)  # sliding source layers hold only their last n tokens
+            off = idx - (total - n)  # sliding source layers hold only their last n tokens
             if (off[index >= 0] < 0).any():
                 raise KVStateError(f"source layer {j} holds only its last {n} tokens; the alignment needs older ones")
             off = off.clamp(0, n - 1)
-            parts.append(k[0][:, off].permute(1, 0, 2).reshape(len(index), -1))
-            parts.append(v[0][:, off].permute(1, 0, 2).reshape(len(index), -1))
-        return torch.cat(parts, dim=1)
+            kv = torch.stack([k[0][:, off], v[0][:, off]])  # [2, H, Nt, D]
+            out[j] = kv.permute(2, 0, 1, 3).reshape(len(index), -1)
+        return out
+
+    def features(self, gathered: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+        """``[Nt, F]`` features of target ``layer``: its source layers' gathered keys and values."""
+        return torch.cat([gathered[j] for j in self.config.layers[layer]], dim=1)
 
     @torch.no_grad()
     def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
@@ -121,9 +127,10 @@ class Translator(torch.nn.Module):
         if self.config.identity:
             return state
         src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
+        gathered = self.gather(src, a.index)
         out = []
         for i, lin in enumerate(self.maps):
-            y = lin(self.features(src, a.index, i).float())  # [Nt, 2*th*td]
+            y = lin(self.features(gathered, i))  # [Nt, 2*th*td]
             k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
             special = a.index < 0
             if special.any():
@@ -216,8 +223,9 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
         tgt = unrotated(t_state, target_model)
         keep = a.index >= 0
         n_t = len(a.target_ids)
+        gathered = tr.gather(src, a.index)
         for i in range(t_shape[0]):
-            x = tr.features(src, a.index, i)[keep]
+            x = tr.features(gathered, i)[keep]
             x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
             tk, tv = tgt[i]
             held = tk.shape[2]  # a sliding target layer holds only its last tokens
