@@ -29,18 +29,8 @@ from transformers import DynamicCache  # noqa: E402
 from kvforge import KVState, load_model  # noqa: E402
 from kvforge._compat import cache_kw  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
+from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, fit  # noqa: E402
-
-
-def pieces(text: str, n: int, chars: int, offset: int = 0) -> list[str]:
-    """``n`` consecutive pieces of about ``chars`` characters, cut at whitespace."""
-    out, pos = [], offset
-    while len(out) < n and pos + chars < len(text):
-        end = text.rfind(" ", pos, pos + chars)
-        end = pos + chars if end <= pos else end
-        out.append(text[pos:end])
-        pos = end
-    return out
 
 
 @torch.inference_mode()

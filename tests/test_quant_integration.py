@@ -8,7 +8,7 @@ import pytest
 from kvhelpers import run_cli
 
 from kvforge import generate
-from kvforge.eval import perplexity, token_windows
+from kvforge.eval import agreement, default_prompts, perplexity, token_windows
 from kvforge.quant import QuantizedKVCache
 from kvforge.texts import load_text
 
@@ -30,14 +30,21 @@ def test_safe_preset_keeps_perplexity_and_shrinks_bytes(smollm):
     assert fp16 / safe.bytes_per_token > 2.9 and fp16 / two.bytes_per_token > 3.1
 
 
-def test_gemma_sliding_layers_generate_with_the_quantized_cache(real_gemma):
+def test_gemma_sliding_layers_work_past_the_window(real_gemma):
+    """700-token contexts, past Gemma 3's 512-token window: quality stays close to a DynamicCache
+    (teacher-forced KL, decode-faithful perplexity) and sliding layers stay bounded."""
     model, tok = real_gemma
-    text = load_text("pydoc", "eval")[:4000]  # ~900 tokens: past Gemma's 512-token window
-    ref = generate(model, tok, text, max_new_tokens=12)
+    text = load_text("pydoc", "eval")
+    prompts = default_prompts(tok, 1, 700, text)
+    a = agreement(model, tok, "kvforge-quant:preset=safe", prompts=prompts, new_tokens=16, show_progress=False)
+    assert a.mean_kl < 0.05
+    windows = token_windows(tok, text, 1, 900)
+    kw = dict(windows=windows, context=700, score=200, show_progress=False)
+    base = perplexity(model, tok, "dynamic", **kw)
+    safe = perplexity(model, tok, "kvforge-quant:preset=safe", baseline=base, **kw)
+    assert abs(safe.rel_change) < 0.06  # measured +3.2% (SmolLM2: +0.07%); see the issue notes
     cache = QuantizedKVCache.for_model(model, "safe")
-    out = generate(model, tok, text, max_new_tokens=12, cache=cache)
-    assert ref.prompt_tokens > 600
-    assert sum(a == b for a, b in zip(out.token_ids, ref.token_ids)) >= 8
+    generate(model, tok, text[:4000], max_new_tokens=4, cache=cache)
     sliding = [layer for layer in cache.layers if layer.sliding_window]
     assert sliding and all(layer.stored_tokens < 512 + 64 + layer.config.residual_length for layer in sliding)
 

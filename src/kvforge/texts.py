@@ -45,3 +45,14 @@ def _split_point(text: str) -> int:
     cut = int(len(text) * CALIBRATION_FRACTION)
     nl = text.find("\n\n", cut)  # split at a paragraph boundary when there is one nearby
     return nl if 0 <= nl < cut + 2000 else cut
+
+
+def text_pieces(text: str, n: int, chars: int, offset: int = 0) -> list[str]:
+    """Up to ``n`` consecutive pieces of about ``chars`` characters from ``offset``, cut at spaces."""
+    out, pos = [], offset
+    while len(out) < n and pos + chars < len(text):
+        end = text.rfind(" ", pos, pos + chars)
+        end = pos + chars if end <= pos else end
+        out.append(text[pos:end])
+        pos = end
+    return out
