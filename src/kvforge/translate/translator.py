@@ -54,14 +54,15 @@ def _model_shape(model) -> list[int]:
 def unrotated(state: KVState, model, layers: list[int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Keys with RoPE removed (model's own rotary embedding, per layer type) and values, per layer index,
     for the tokens each layer holds (``[B, H, n, D]``)."""
-    out = {}
+    out, rope = {}, {}
     wanted = range(len(state.layers)) if layers is None else layers
     for i in wanted:
         layer = state.layers[i].to_dense()
         k, v = layer.tensors["keys"], layer.tensors["values"]
-        pos = state.positions[-k.shape[2]:]
-        cos, sin = cos_sin(model, pos, state.layer_types[i])
-        out[i] = (remove_rope(k.float(), cos, sin), v.float())
+        key = (state.layer_types[i], k.shape[2])  # one rotary evaluation per layer type and length
+        if key not in rope:
+            rope[key] = cos_sin(model, state.positions[-k.shape[2]:], state.layer_types[i])
+        out[i] = (remove_rope(k.float(), *rope[key]), v.float())
     return out
 
 
@@ -128,14 +129,16 @@ class Translator(torch.nn.Module):
             return state
         src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
         gathered = self.gather(src, a.index)
-        out = []
+        out, rope = [], {}
         for i, lin in enumerate(self.maps):
             y = lin(self.features(gathered, i))  # [Nt, 2*th*td]
             k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
             special = a.index < 0
             if special.any():
                 k[:, special], v[:, special] = self.bos_k[i][:, None], self.bos_v[i][:, None]
-            cos, sin = cos_sin(target_model, positions, types[i])
+            if types[i] not in rope:
+                rope[types[i]] = cos_sin(target_model, positions, types[i])
+            cos, sin = rope[types[i]]
             dtype = next(target_model.parameters()).dtype
             out.append(LayerState.dense(apply_rope(k[None], cos, sin).to(dtype), v[None].to(dtype).contiguous()))
         tc = _tc(target_model)
