@@ -22,33 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
-from kvforge import KVState, load_model  # noqa: E402
-from kvforge._compat import cache_kw  # noqa: E402
+from kvforge import load_model  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, fit  # noqa: E402
-
-
-@torch.inference_mode()
-def prefill_state(model, ids: torch.Tensor) -> KVState:
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids[None], **cache_kw(cache), use_cache=True, logits_to_keep=1)
-    return KVState.from_cache(cache, model, ids[None])
-
-
-@torch.inference_mode()
-def continuation_nll(model, state: KVState, last: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:
-    """Sum of NLL of ``cont`` after ``state`` (the context minus its last token ``last``)."""
-    cache = state.to_cache(model)
-    n = state.num_tokens
-    x = torch.cat([last.view(1), cont])[None]
-    pos = torch.arange(n, n + x.shape[1])[None]
-    logits = model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0, :-1]
-    return F.cross_entropy(logits.float(), cont, reduction="sum").item(), len(cont)
+from kvforge.translate.evaluate import continuation_nll, prefill_state  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", default="nearest")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--sliding-sources", action="store_true",
+                    help="let sliding-window source layers feed the map (contexts must fit their window)")
     ap.add_argument("--eval-pieces", type=int, default=16)
     ap.add_argument("--context-chars", type=int, default=1000)
     ap.add_argument("--score-tokens", type=int, default=128)
@@ -76,7 +57,7 @@ def main(argv=None) -> int:
     else:
         texts = pieces(load_text("pydoc", "calibration"), args.fit_pieces, args.piece_chars)
         tr = fit(src, tgt, s_tok, t_tok, texts, strategy=args.strategy, k=args.k, ridge=args.ridge,
-                 source_name=args.source, target_name=args.target)
+                 source_name=args.source, target_name=args.target, sliding_sources=args.sliding_sources)
         if args.save:
             tr.save(args.save)
     fit_s = time.perf_counter() - t0
@@ -106,7 +87,7 @@ def main(argv=None) -> int:
                                s_tok, t_tok)
         last = t_ids[-1]
         for name, st in (("own", own), ("translated", translated[: len(t_ids) - 1]),
-                         ("control", control[: control.num_tokens - 1]), ("none", prefill_state(tgt, bos))):
+                         ("control", control[: control.num_tokens - 1]), ("none", prefill_state(tgt, bos) if len(bos) else None)):
             nll, n = continuation_nll(tgt, st, last, cont)
             conds[name][0] += nll
             conds[name][1] += n
@@ -117,7 +98,8 @@ def main(argv=None) -> int:
     gap = {k: (ppl["none"] - ppl[k]) / (ppl["none"] - ppl["own"]) for k in ("translated", "control")}
     lines = [
         f"# KV translation {args.source} -> {args.target} (replace mode, ridge; strategy {tr.config.strategy}, "
-        f"k={tr.config.k}, fitted on {tr.config.tokens_fitted:,} target tokens in {fit_s:.0f}s)",
+        f"k={tr.config.k}, fitted on {tr.config.tokens_fitted:,} target tokens"
+        + (f", loaded from {args.translator})" if args.translator else f" in {fit_s:.0f}s)"),
         "",
         f"{len(ctxs)} held-out contexts of ~{args.context_chars} characters from the eval split; the next "
         f"{args.score_tokens} target tokens scored.",

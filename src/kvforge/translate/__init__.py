@@ -8,8 +8,9 @@
 
 from .align import Alignment, align
 from .layers import STRATEGIES, layer_map
+from .registry import load, shipped
 from .rope import apply_rope, cos_sin, remove_rope
 from .translator import Translator, TranslatorConfig, TranslatorMismatchError, fit, identity, unrotated
 
 __all__ = ["Alignment", "STRATEGIES", "Translator", "TranslatorConfig", "TranslatorMismatchError", "align",
-           "apply_rope", "cos_sin", "fit", "identity", "layer_map", "remove_rope", "unrotated"]
+           "apply_rope", "cos_sin", "fit", "identity", "layer_map", "load", "remove_rope", "shipped", "unrotated"]

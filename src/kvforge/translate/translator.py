@@ -40,6 +40,7 @@ class TranslatorConfig:
     ridge: float = 1e-2
     tokens_fitted: int = 0
     identity: bool = False
+    sliding_sources: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -129,6 +130,13 @@ class Translator(torch.nn.Module):
             return state
         src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
         gathered = self.gather(src, a.index)
+        first = None
+        if a.index[0] >= 0:
+            # no special first token: the target's first token is its attention sink, whose keys and values
+            # are outliers no linear map reproduces; the target computes that one token itself
+            from .evaluate import prefill_state
+
+            first = unrotated(prefill_state(target_model, a.target_ids[:1]), target_model)
         out, rope = [], {}
         for i, lin in enumerate(self.maps):
             y = lin(self.features(gathered, i))  # [Nt, 2*th*td]
@@ -136,6 +144,8 @@ class Translator(torch.nn.Module):
             special = a.index < 0
             if special.any():
                 k[:, special], v[:, special] = self.bos_k[i][:, None], self.bos_v[i][:, None]
+            if first is not None:
+                k[:, 0], v[:, 0] = first[i][0][0, :, 0], first[i][1][0, :, 0]
             if types[i] not in rope:
                 rope[types[i]] = cos_sin(target_model, positions, types[i])
             cos, sin = rope[types[i]]
@@ -147,9 +157,11 @@ class Translator(torch.nn.Module):
                        num_model_layers=len(out), meta={"translated_from": self.config.source})
 
     # -- persistence -----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """One safetensors file: the maps (``dtype``; float16 halves a shipped file) and a JSON of the
+        settings and both models' fingerprints."""
         meta = {"kvforge-translator": json.dumps({"format": FORMAT, "config": asdict(self.config)})}
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        save_file({k: v.to(dtype).contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Translator:
@@ -166,7 +178,7 @@ class Translator(torch.nn.Module):
         if info["format"] > FORMAT:
             raise KVStateError(f"{path}: translator format {info['format']} is newer than this kvforge ({FORMAT})")
         t = cls(TranslatorConfig(**info["config"]))
-        t.load_state_dict(load_file(str(path)))
+        t.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return t
 
 
@@ -194,8 +206,12 @@ def identity(model, name: str = "") -> Translator:
 @torch.no_grad()
 def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: list[str], strategy: str = "nearest",
         k: int = 3, ridge: float = 1e-2, source_name: str = "", target_name: str = "",
-        show_progress: bool = True) -> Translator:
-    """Closed-form ridge fit of every target layer's map on ``texts`` (both models frozen)."""
+        sliding_sources: bool = False, show_progress: bool = True) -> Translator:
+    """Closed-form ridge fit of every target layer's map on ``texts`` (both models frozen).
+
+    ``sliding_sources``: let the source's sliding-window layers feed the map too; such a translator only
+    translates contexts that fit in the source's window (a longer one raises ``KVStateError``).
+    """
     from transformers import DynamicCache
 
     from .._compat import cache_kw
@@ -205,10 +221,10 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
     s_shape, t_shape = _model_shape(source_model), _model_shape(target_model)
     # a sliding-window source layer forgets tokens older than its window, so by default only the source's
     # full-attention layers feed the map: then any context length translates
-    usable = [i for i, t in enumerate(layer_types(source_model)) if t != "sliding_attention"]
+    usable = [i for i, t in enumerate(layer_types(source_model)) if sliding_sources or t != "sliding_attention"]
     layers = [[usable[j] for j in js] for js in layer_map(len(usable), t_shape[0], strategy, k)]
     cfg = TranslatorConfig(source_name, target_name, fingerprint(source_model), fingerprint(target_model), s_shape,
-                           t_shape, layers, strategy, k, ridge)
+                           t_shape, layers, strategy, k, ridge, sliding_sources=sliding_sources)
     tr = Translator(cfg)
     xtx = [None] * t_shape[0]
     xty = [None] * t_shape[0]
@@ -225,6 +241,7 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
         src = unrotated(s_state, source_model, sorted({j for ls in layers for j in ls}))
         tgt = unrotated(t_state, target_model)
         keep = a.index >= 0
+        keep[0] = False  # position 0 is the target's attention sink: it is never translated (see translate)
         n_t = len(a.target_ids)
         gathered = tr.gather(src, a.index)
         for i in range(t_shape[0]):
@@ -239,7 +256,7 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
             x = x[sel]
             xtx[i] = x.T @ x if xtx[i] is None else xtx[i] + x.T @ x
             xty[i] = x.T @ y if xty[i] is None else xty[i] + x.T @ y
-            if not keep[0] and held == n_t:  # the target's own first special token, e.g. <bos>
+            if a.index[0] < 0 and held == n_t:  # the target's own first special token, e.g. <bos>
                 tr.bos_k[i], tr.bos_v[i] = tk[0][:, 0], tv[0][:, 0]
         tokens += int(keep.sum())
     for i, lin in enumerate(tr.maps):

@@ -1,0 +1,37 @@
+"""Measuring a translated cache: the target's loss on a continuation given some past."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._compat import cache_kw
+from ..state import KVState
+
+
+@torch.inference_mode()
+def prefill_state(model, ids: torch.Tensor) -> KVState:
+    """The model's own KV state of ``ids`` ``[N]`` (one forward pass)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[None].to(next(model.parameters()).device), **cache_kw(cache), use_cache=True,
+          logits_to_keep=1)
+    return KVState.from_cache(cache, model, ids[None])
+
+
+@torch.inference_mode()
+def continuation_nll(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of the tokens ``cont`` when the model has ``state`` as its past (the context minus its
+    last token ``last``, which is fed first so that it predicts ``cont[0]``); ``None``: no past at all."""
+    from transformers import DynamicCache
+
+    if state is None:
+        cache, n = DynamicCache(config=model.config), 0
+    else:
+        cache, n = state.to_cache(model), state.num_tokens
+    device = next(model.parameters()).device
+    x = torch.cat([last.view(1), cont]).to(device)[None]
+    pos = torch.arange(n, n + x.shape[1], device=device)[None]
+    logits = model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0, :-1]
+    return F.cross_entropy(logits.float(), cont.to(device), reduction="sum").item(), len(cont)

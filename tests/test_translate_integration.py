@@ -1,0 +1,50 @@
+"""The shipped smollm2-135m -> gemma3-270m translator on held-out text."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvforge.texts import load_text, text_pieces
+from kvforge.translate import TranslatorMismatchError, load, shipped
+from kvforge.translate.evaluate import continuation_nll, prefill_state
+
+pytestmark = pytest.mark.integration
+
+
+def test_shipped_translator_beats_no_context(smollm, real_gemma):
+    (src, s_tok), (tgt, t_tok) = smollm, real_gemma
+    assert ("smollm2-135m", "gemma3-270m") in shipped()
+    tr = load("smollm2-135m", "gemma3-270m", src, tgt)
+    pieces = text_pieces(load_text("pydoc", "eval"), 5, 1000, offset=50_000)
+    bos = t_tok("", return_tensors="pt").input_ids[0]
+    nll = {"translated": 0.0, "none": 0.0, "own": 0.0}
+    count = 0
+    for ctx, nxt in zip(pieces[:-1], pieces[1:]):
+        cont = t_tok(nxt, add_special_tokens=False, return_tensors="pt").input_ids[0][:64]
+        t_ids = t_tok(ctx, return_tensors="pt").input_ids[0]
+        translated = tr.translate(prefill_state(src, s_tok(ctx, return_tensors="pt").input_ids[0]), ctx, src, tgt,
+                                  s_tok, t_tok)
+        assert translated.num_tokens == len(t_ids)  # the target's own token count
+        for name, state in (("translated", translated[: len(t_ids) - 1]), ("none", prefill_state(tgt, bos)),
+                            ("own", prefill_state(tgt, t_ids[:-1]))):
+            nll[name] += continuation_nll(tgt, state, t_ids[-1], cont)[0]
+        count += len(cont)
+    ppl = {k: math.exp(v / count) for k, v in nll.items()}
+    assert ppl["own"] < ppl["translated"] < ppl["none"]
+    assert (ppl["none"] - ppl["translated"]) / (ppl["none"] - ppl["own"]) > 0.3
+
+
+def test_wrong_pair_and_same_model(smollm, real_gemma):
+    (src, s_tok), (tgt, _) = smollm, real_gemma
+    with pytest.raises(TranslatorMismatchError, match="fitted for"):
+        load("smollm2-135m", "gemma3-270m", tgt, src)
+    with pytest.raises(ValueError, match="no shipped translator"):
+        load("smollm2-135m", "llama-7b")
+    same = load("smollm2-135m", "smollm2-135m", src, src)
+    text = "The KV cache of a model holds its reading of the context."
+    state = prefill_state(src, s_tok(text, return_tensors="pt").input_ids[0])
+    out = same.translate(state, text, src, src, s_tok, s_tok)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(out.layers, state.layers))
