@@ -20,10 +20,16 @@ def prefill_state(model, ids: torch.Tensor) -> KVState:
     return KVState.from_cache(cache, model, ids[None])
 
 
-@torch.inference_mode()
 def continuation_nll(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:
     """Summed NLL of the tokens ``cont`` when the model has ``state`` as its past (the context minus its
     last token ``last``, which is fed first so that it predicts ``cont[0]``); ``None``: no past at all."""
+    nll = continuation_token_nll(model, state, last, cont)
+    return nll.sum().item(), len(cont)
+
+
+@torch.inference_mode()
+def continuation_token_nll(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[len(cont)]`` of :func:`continuation_nll` (for how a benefit decays over tokens)."""
     from transformers import DynamicCache
 
     if state is None:
@@ -34,4 +40,4 @@ def continuation_nll(model, state: KVState | None, last: torch.Tensor, cont: tor
     x = torch.cat([last.view(1), cont]).to(device)[None]
     pos = torch.arange(n, n + x.shape[1], device=device)[None]
     logits = model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0, :-1]
-    return F.cross_entropy(logits.float(), cont.to(device), reduction="sum").item(), len(cont)
+    return F.cross_entropy(logits.float(), cont.to(device), reduction="none").cpu()
