@@ -9,15 +9,11 @@ from .._compat import cache_kw
 from ..state import KVState
 
 
-@torch.inference_mode()
 def prefill_state(model, ids: torch.Tensor) -> KVState:
-    """The model's own KV state of ``ids`` ``[N]`` (one forward pass)."""
-    from transformers import DynamicCache
+    """The model's own KV state of the token ids ``[N]`` (one forward pass)."""
+    from ..generate import prefill
 
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids[None].to(next(model.parameters()).device), **cache_kw(cache), use_cache=True,
-          logits_to_keep=1)
-    return KVState.from_cache(cache, model, ids[None])
+    return prefill(model, None, ids)
 
 
 def continuation_nll(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:

@@ -212,11 +212,9 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
     ``sliding_sources``: let the source's sliding-window layers feed the map too; such a translator only
     translates contexts that fit in the source's window (a longer one raises ``KVStateError``).
     """
-    from transformers import DynamicCache
-
-    from .._compat import cache_kw
     from ..models import fingerprint, layer_types
     from ..progress import progress
+    from .evaluate import prefill_state
 
     s_shape, t_shape = _model_shape(source_model), _model_shape(target_model)
     # a sliding-window source layer forgets tokens older than its window, so by default only the source's
@@ -229,15 +227,9 @@ def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: l
     xtx = [None] * t_shape[0]
     xty = [None] * t_shape[0]
     tokens = 0
-    s_dev = next(source_model.parameters()).device
-    t_dev = next(target_model.parameters()).device
     for text in progress(texts, desc="fit translator", disable=not show_progress):
         a = align(text, source_tokenizer, target_tokenizer)
-        sc, tc = DynamicCache(config=source_model.config), DynamicCache(config=target_model.config)
-        source_model(input_ids=a.source_ids[None].to(s_dev), **cache_kw(sc), use_cache=True, logits_to_keep=1)
-        target_model(input_ids=a.target_ids[None].to(t_dev), **cache_kw(tc), use_cache=True, logits_to_keep=1)
-        s_state = KVState.from_cache(sc, source_model, a.source_ids[None])
-        t_state = KVState.from_cache(tc, target_model, a.target_ids[None])
+        s_state, t_state = prefill_state(source_model, a.source_ids), prefill_state(target_model, a.target_ids)
         src = unrotated(s_state, source_model, sorted({j for ls in layers for j in ls}))
         tgt = unrotated(t_state, target_model)
         keep = a.index >= 0
