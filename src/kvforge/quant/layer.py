@@ -10,6 +10,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..state import KVStateError, LayerState
 from .config import QuantConfig
 from .kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values, rotation
+from .packing import packed_size
 
 KIND = "kvforge-quant"
 _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
@@ -80,8 +81,8 @@ class QuantizedLayer(DynamicLayer):
         cfg = self.config
         self.store_dtype = key_states.dtype if cfg.residual_dtype == "model" else getattr(torch, cfg.residual_dtype)
         self.rot = _rotation(d, self.device) if cfg.rotate != "none" else None
-        kp = _packed(d, cfg.key_bits)
-        vp = _packed(d, cfg.value_bits)
+        kp = packed_size(d, cfg.key_bits)
+        vp = packed_size(d, cfg.value_bits)
         e = dict(device=self.device)
         self.k_codes = torch.empty(b, h, 0, kp, dtype=torch.uint8, **e)
         self.v_codes = torch.empty(b, h, 0, vp, dtype=torch.uint8, **e)
@@ -313,12 +314,6 @@ def _rotation(dim: int, device) -> torch.Tensor:
     if key not in _ROTATIONS:
         _ROTATIONS[key] = rotation(dim).to(device)
     return _ROTATIONS[key]
-
-
-def _packed(dim: int, bits: int) -> int:
-    from .packing import packed_size
-
-    return packed_size(dim, bits)
 
 
 def decode_state(state: LayerState) -> LayerState:

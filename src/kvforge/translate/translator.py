@@ -116,7 +116,7 @@ class Translator(torch.nn.Module):
     def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
                   target_tokenizer) -> KVState:
         """The target's KV state for ``text``, from the source's ``state`` of the same text."""
-        from ..models import fingerprint, layer_types
+        from ..models import fingerprint, layer_types, text_config
 
         self.check_pair(source_model, target_model)
         a = align(text, source_tokenizer, target_tokenizer)
@@ -151,7 +151,7 @@ class Translator(torch.nn.Module):
             cos, sin = rope[types[i]]
             dtype = next(target_model.parameters()).dtype
             out.append(LayerState.dense(apply_rope(k[None], cos, sin).to(dtype), v[None].to(dtype).contiguous()))
-        tc = _tc(target_model)
+        tc = text_config(target_model)
         return KVState(out, a.target_ids[None], positions, list(types), fingerprint(target_model),
                        model_name=self.config.target, sliding_window=getattr(tc, "sliding_window", None),
                        num_model_layers=len(out), meta={"translated_from": self.config.source})
@@ -185,12 +185,6 @@ class Translator(torch.nn.Module):
 def len_total(src: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Tokens of the longest (full-attention) source layer: the whole text."""
     return max(k.shape[2] for k, _ in src.values())
-
-
-def _tc(model):
-    from ..models import text_config
-
-    return text_config(model)
 
 
 def identity(model, name: str = "") -> Translator:
