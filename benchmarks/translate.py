@@ -29,8 +29,46 @@ from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, fit  # noqa: E402
 from kvforge.translate.evaluate import continuation_token_nll, prefill_state  # noqa: E402
+from kvforge.translate.registry import WEIGHTS  # noqa: E402
 
 BUCKETS = [(0, 16), (16, 48), (48, 128)]  # continuation token ranges: does the benefit decay?
+SHORT = (16, 64)  # the smallest cache that still helps: only the context's last N target tokens
+OPEN = [*(f"layers {p} translated, rest own" for p in ("first third", "middle third", "last third")),
+        "first half translated, second half read by the target", *(f"last {n} tokens, {w}" for n in SHORT
+                                                                     for w in ("own", "translated"))]
+
+
+@torch.inference_mode()
+def open_question_states(tr, src, s_tok, tgt, t_tok, ctx: str, own, translated) -> dict:
+    """The seed's open questions as pasts to continue from, each ``(state, last token)``: only some layers
+    translated (the others the target's own), a context whose first half comes from the source and second
+    half from the target reading on top of it, and only the last few tokens of the context."""
+    from transformers import DynamicCache  # noqa: F401 - to_cache builds one
+
+    from kvforge import KVState
+    from kvforge._compat import cache_kw
+
+    t_ids = t_tok(ctx, return_tensors="pt").input_ids[0]
+    n = len(t_ids) - 1  # the past: the context minus its last token
+    out = {}
+    layers = len(own.layers)
+    for k, name in enumerate(OPEN[:3]):
+        lo, hi = k * layers // 3, (k + 1) * layers // 3
+        mixed = [translated.layers[i] if lo <= i < hi else own.layers[i] for i in range(layers)]
+        out[name] = (KVState(mixed, own.token_ids, own.positions, list(own.layer_types), own.fingerprint,
+                             sliding_window=own.sliding_window, num_model_layers=layers), t_ids[-1])
+    h = n // 2
+    cache = translated[:h].to_cache(tgt)
+    tgt(input_ids=t_ids[None, h:n], **cache_kw(cache), use_cache=True, position_ids=torch.arange(h, n)[None])
+    out[OPEN[3]] = (KVState.from_cache(cache, tgt, t_ids[None, :n]), t_ids[-1])
+    for m in SHORT:
+        piece = t_tok.decode(t_ids[-m:], skip_special_tokens=True)
+        ids = t_tok(piece, return_tensors="pt").input_ids[0]
+        short = tr.translate(prefill_state(src, s_tok(piece, return_tensors="pt").input_ids[0]), piece, src, tgt,
+                             s_tok, t_tok)
+        out[f"last {m} tokens, own"] = (prefill_state(tgt, ids[:-1]), ids[-1])
+        out[f"last {m} tokens, translated"] = (short[: len(ids) - 1], ids[-1])
+    return out
 
 
 @torch.inference_mode()
@@ -63,6 +101,35 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
     return rows
 
 
+def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int) -> dict:
+    """Exact match on the passage QA set: the target answers from each kind of past."""
+    from kvforge import prefill
+    from kvforge.eval.qa import qa_exact_match, qa_set
+
+    items = qa_set(n)
+
+    def translated(item, with_tr=tr, own=False):
+        st = prefill(src, s_tok, item.context)
+        return with_tr.translate(st, item.context, src, tgt, s_tok, t_tok,
+                                 own=prefill(tgt, t_tok, item.context) if own else None)
+
+    conds = {"own prefill": lambda it: prefill(tgt, t_tok, it.context), "translated (replace)": translated}
+    if fuse is not None:
+        conds["fused"] = lambda it: translated(it, fuse, own=True)
+    conds["control: another passage translated"] = lambda it: translated(items[(items.index(it) + 1) % len(items)])
+    conds["no context"] = lambda it: None
+    out = {}
+    for name, fn in conds.items():
+        r = qa_exact_match(tgt, t_tok, items, fn)
+        out[name] = {"exact_match": r.exact_match, "correct": r.correct, "total": r.total,
+                     "per_kind": r.per_kind(items), "predictions": r.predictions}
+        print(f"QA {name}: {r.correct}/{r.total}", flush=True)
+    src_own = qa_exact_match(src, s_tok, items, lambda it: prefill(src, s_tok, it.context))
+    out["source model, own prefill"] = {"exact_match": src_own.exact_match, "correct": src_own.correct,
+                                        "total": src_own.total, "per_kind": src_own.per_kind(items)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="smollm2-135m")
@@ -77,7 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-pieces", type=int, default=16)
     ap.add_argument("--context-chars", type=int, default=1000)
     ap.add_argument("--score-tokens", type=int, default=128)
-    ap.add_argument("--translator", type=Path, help="load instead of fitting")
+    ap.add_argument("--translator", type=Path, help="load instead of fitting (e.g. one from `translate train`)")
+    ap.add_argument("--shipped", action="store_true", help="use the shipped translator of the pair")
+    ap.add_argument("--fuse", type=Path, help="a fuse-mode translator (`translate train --mode fuse`) to measure too")
+    ap.add_argument("--qa-items", type=int, default=40, help="passage QA items (0: skip QA)")
+    ap.add_argument("--no-open-questions", action="store_true", help="skip layer subsets, mixing, smallest cache")
     ap.add_argument("--save", type=Path, help="save the fitted translator here")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -85,8 +156,11 @@ def main(argv=None) -> int:
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
     t0 = time.perf_counter()
+    if args.shipped:
+        args.translator = WEIGHTS / f"{args.source}__{args.target}.safetensors"
     if args.translator:
         tr = Translator.load(args.translator)
+        tr.check_pair(src, tgt)
     else:
         texts = pieces(load_text("pydoc", "calibration"), args.fit_pieces, args.piece_chars)
         tr = fit(src, tgt, s_tok, t_tok, texts, strategy=args.strategy, k=args.k, ridge=args.ridge,
@@ -95,12 +169,18 @@ def main(argv=None) -> int:
             tr.save(args.save)
     fit_s = time.perf_counter() - t0
 
+    fuse = Translator.load(args.fuse) if args.fuse else None
+    if fuse is not None:
+        fuse.check_pair(src, tgt)
     ev = load_text("pydoc", "eval")
     ctxs = pieces(ev, args.eval_pieces, args.context_chars)
-    conds = {"own": [0.0, 0], "translated": [0.0, 0], "control": [0.0, 0], "none": [0.0, 0]}
+    conds = {"own": [0.0, 0], "translated": [0.0, 0], **({"fused": [0.0, 0]} if fuse else {}), "control": [0.0, 0],
+             "none": [0.0, 0]}
+    opens = {} if args.no_open_questions else {k: [0.0, 0] for k in OPEN}
     times = {"source_prefill": 0.0, "translate": 0.0, "target_prefill": 0.0}
     buckets = {k: [[0.0, 0] for _ in BUCKETS] for k in conds}
     bos = t_tok("", return_tensors="pt").input_ids[0]
+    none_state = prefill_state(tgt, bos) if len(bos) else None
     for i, ctx in enumerate(ctxs):
         # the continuation: the text after this context (the next piece), in target tokens
         nxt = ctxs[i + 1] if i + 1 < len(ctxs) else pieces(ev, 1, args.context_chars, ev.find(ctx) + len(ctx))[0]
@@ -120,15 +200,24 @@ def main(argv=None) -> int:
         control = tr.translate(prefill_state(src, s_tok(other, return_tensors="pt").input_ids[0]), other, src, tgt,
                                s_tok, t_tok)
         last = t_ids[-1]
-        for name, st in (("own", own), ("translated", translated[: len(t_ids) - 1]),
-                         ("control", control[: control.num_tokens - 1]), ("none", prefill_state(tgt, bos) if len(bos) else None)):
-            tok_nll = continuation_token_nll(tgt, st, last, cont)
+        states = {"own": own, "translated": translated[: len(t_ids) - 1], "control": control[: control.num_tokens - 1],
+                  "none": none_state}
+        if fuse is not None:
+            states["fused"] = fuse.translate(s_state, ctx, src, tgt, s_tok, t_tok, own=prefill_state(tgt, t_ids))[
+                : len(t_ids) - 1]
+        for name in conds:
+            tok_nll = continuation_token_nll(tgt, states[name], last, cont)
             conds[name][0] += tok_nll.sum().item()
             conds[name][1] += len(cont)
             for b, (lo, hi) in enumerate(BUCKETS):
                 part = tok_nll[lo:hi]
                 buckets[name][b][0] += part.sum().item()
                 buckets[name][b][1] += len(part)
+        if opens:
+            for name, (st, lt) in open_question_states(tr, src, s_tok, tgt, t_tok, ctx, own,
+                                                        states["translated"]).items():
+                opens[name][0] += continuation_token_nll(tgt, st, lt, cont).sum().item()
+                opens[name][1] += len(cont)
         print(f"piece {i + 1}/{len(ctxs)}: " + ", ".join(f"{k} {math.exp(v[0] / v[1]):.3f}" for k, v in conds.items()),
               flush=True)
 
@@ -137,9 +226,13 @@ def main(argv=None) -> int:
     bucket_gap = [(bucket_ppl["none"][b] - bucket_ppl["translated"][b]) / (bucket_ppl["none"][b] - bucket_ppl["own"][b])
                   for b in range(len(BUCKETS))]
     speed = ttft(src, s_tok, tgt, t_tok, tr, ev[200_000:])
-    gap = {k: (ppl["none"] - ppl[k]) / (ppl["none"] - ppl["own"]) for k in ("translated", "control")}
+    gap = {k: (ppl["none"] - ppl[k]) / (ppl["none"] - ppl["own"]) for k in conds if k not in ("own", "none")}
+    open_ppl = {k: math.exp(a / n) for k, (a, n) in opens.items()}
+    qa_res = qa(src, s_tok, tgt, t_tok, tr, fuse, args.qa_items) if args.qa_items else {}
     lines = [
-        f"# KV translation {args.source} -> {args.target} (replace mode, ridge; strategy {tr.config.strategy}, "
+        f"# KV translation {args.source} -> {args.target} (replace mode, ridge fit"
+        + (f" + {tr.config.trained_steps} KL-distillation steps" if tr.config.trained_steps else "")
+        + f"; strategy {tr.config.strategy}, "
         f"k={tr.config.k}, fitted on {tr.config.tokens_fitted:,} target tokens"
         + (f", loaded from {args.translator})" if args.translator else f" in {fit_s:.0f}s)"),
         "",
@@ -150,6 +243,7 @@ def main(argv=None) -> int:
         "|---|---|---|",
         f"| own prefill (upper bound) | {ppl['own']:.3f} | 100% |",
         f"| translated source cache | {ppl['translated']:.3f} | {100 * gap['translated']:.0f}% |",
+        *([f"| fused into own prefill (fuse mode) | {ppl['fused']:.3f} | {100 * gap['fused']:.0f}% |"] if fuse else []),
         f"| control: another context translated | {ppl['control']:.3f} | {100 * gap['control']:.0f}% |",
         f"| no context (lower bound) | {ppl['none']:.3f} | 0% |",
         "",
@@ -172,13 +266,24 @@ def main(argv=None) -> int:
           f"{100 * r['translate'] / r['source_prefill']:.1f}% | "
           f"{(r['source_prefill'] + r['translate'] + r['target_step']) / r['target_prefill']:.2f}x |" for r in speed],
     ]
+    if qa_res:
+        lines += ["", f"Passage QA ({args.qa_items} invented facts, exact match; the target answers "
+                  "`Question: ...\\nAnswer:` after the passage):", "",
+                  "| condition | exact match | correct |", "|---|---|---|",
+                  *[f"| {k} | {100 * v['exact_match']:.1f}% | {v['correct']}/{v['total']} |" for k, v in qa_res.items()]]
+    if open_ppl:
+        lines += ["", "Open questions (same contexts and continuations; PPL of the target, gap recovered against "
+                  "no context and own prefill of the whole context):", "",
+                  "| past | target PPL | gap recovered |", "|---|---|---|",
+                  *[f"| {k} | {v:.3f} | {100 * (ppl['none'] - v) / (ppl['none'] - ppl['own']):.0f}% |"
+                    for k, v in open_ppl.items()]]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"translate-{args.source}-to-{args.target}"
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"ppl": ppl, "gap": gap, "times": times, "buckets": bucket_ppl, "bucket_gap": bucket_gap, "ttft": speed, "config": tr.config.__dict__, "fit_seconds": fit_s,
+        {"ppl": ppl, "gap": gap, "qa": qa_res, "open_questions": open_ppl, "times": times, "buckets": bucket_ppl, "bucket_gap": bucket_gap, "ttft": speed, "config": tr.config.__dict__, "fit_seconds": fit_s,
          "created": datetime.now(UTC).isoformat(timespec="seconds")}, indent=1, default=str))
     return 0
 

@@ -162,3 +162,93 @@ def TINY_OTHER(model):  # noqa: N802 - a factory named like the fixture it stand
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
     return other, None
+
+
+def _train_setup(src, tgt, mode="replace"):
+    """A fitted translator whose maps are then perturbed, so that training has something to recover."""
+    from kvforge.translate.train import with_mode
+
+    tok = _char_tokenizer()
+    texts = [CONTEXT[i:] + CONTEXT[:i] for i in range(0, 80, 10)]
+    tr = fit(src, tgt, tok, tok, texts, strategy="nearest", k=2, show_progress=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lin in tr.maps:
+            lin.weight.add_(torch.randn_like(lin.weight) * lin.weight.std() * 3)
+    return (with_mode(tr, mode) if mode != "replace" else tr), tok
+
+
+def _tiny_train_config(**kw):
+    from kvforge.translate.train import TrainConfig
+
+    base = dict(steps=6, batch=1, lr=3e-3, train_examples=4, val_examples=2, context_chars=60, continuation_tokens=8,
+                eval_every=3, checkpoint_every=3, top_k=16)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_kl_training_lowers_validation_kl_and_resumes_exactly(tiny_llama, tiny_gemma, tmp_path):
+    """Distillation with both models frozen lowers the validation KL to the target's own prefill; a run
+    stopped at step 3 and resumed from its checkpoint ends with the same weights as an uninterrupted run."""
+    from kvforge.translate.train import train
+
+    (src, _), (tgt, _) = tiny_llama, tiny_gemma
+    text = " ".join([CONTEXT] * 12)
+    with one_thread():
+        tr, tok = _train_setup(src, tgt)
+        frozen = [p.clone() for p in tgt.parameters()]
+        whole = train(tr, src, tgt, tok, tok, _tiny_train_config(), text, text[::-1], show_progress=False,
+                      log=lambda *_: None)
+        part, _ = _train_setup(src, tgt)
+        train(part, src, tgt, tok, tok, _tiny_train_config(steps=3), text, text[::-1], checkpoint_dir=tmp_path,
+              show_progress=False, log=lambda *_: None)
+        resumed, _ = _train_setup(src, tgt)
+        msgs = []
+        train(resumed, src, tgt, tok, tok, _tiny_train_config(), text, text[::-1], checkpoint_dir=tmp_path,
+              show_progress=False, log=msgs.append)
+    kl = [h["kl"] for h in whole.history]
+    assert [h["step"] for h in whole.history] == [0, 3, 6] and kl[-1] < kl[0]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, tgt.parameters()))  # the target stays frozen
+    assert any("resumed" in m and "step 3" in m for m in msgs)
+    for a, b in zip(whole.history, train_history(tmp_path)):
+        assert a["step"] == b["step"] and abs(a["kl"] - b["kl"]) < 1e-4
+    for (n, a), b in zip(tr.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    assert Translator.load(tmp_path / "translator.safetensors").config.trained_steps == 6
+
+
+def train_history(path):
+    import json
+
+    return json.loads((path / "history.json").read_text())["history"]
+
+
+def test_fuse_gate_spans_own_and_translated_and_trains(tiny_llama, tiny_gemma):
+    from kvforge.translate.train import train
+
+    (src, _), (tgt, _) = tiny_llama, tiny_gemma
+    with one_thread():
+        tr, tok = _train_setup(src, tgt, "fuse")
+        ids_s = tok(CONTEXT, return_tensors="pt").input_ids
+        s_state = KVState.from_cache(prefilled_cache(src, ids_s), src, ids_s)
+        own = KVState.from_cache(prefilled_cache(tgt, ids_s), tgt, ids_s)
+        with pytest.raises(ValueError, match="needs the target's own state"):
+            tr.translate(s_state, CONTEXT, src, tgt, tok, tok)
+        replace = Translator(type(tr.config)(**{**tr.config.__dict__, "mode": "replace"}))
+        replace.load_state_dict({k: v for k, v in tr.state_dict().items() if k != "gate"})
+        translated = replace.translate(s_state, CONTEXT, src, tgt, tok, tok)
+        with torch.no_grad():
+            tr.gate.fill_(-50.0)
+            low = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own=own)
+            tr.gate.fill_(50.0)
+            high = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own=own)
+            tr.gate.fill_(-3.0)
+        before = tr.gate.detach().clone()
+        text = " ".join([CONTEXT] * 12)
+        train(tr, src, tgt, tok, tok, _tiny_train_config(mode="fuse", steps=2), text, text[::-1],
+              show_progress=False, log=lambda *_: None)
+    for lo, hi, o, t in zip(low.layers, high.layers, own.layers, translated.layers):
+        assert torch.allclose(lo.keys, o.keys) and torch.allclose(lo.values, o.values)
+        n = o.length  # a sliding layer of the own state holds only its last tokens
+        assert torch.allclose(hi.keys, t.keys[:, :, -n:], atol=1e-5)
+        assert torch.allclose(hi.values, t.values[:, :, -n:], atol=1e-5)
+    assert not torch.equal(before, tr.gate.detach())

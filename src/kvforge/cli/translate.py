@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..translate.train import TrainConfig
+
 
 def add_commands(sub) -> None:
     t = sub.add_parser("translate", help="translate one model's KV cache into another's")
@@ -19,6 +21,30 @@ def add_commands(sub) -> None:
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("-o", "--output", type=Path, required=True, help="translator file (.safetensors)")
     p.set_defaults(func=cmd_fit)
+
+    p = tsub.add_parser("train", help="train a translator by distillation (both models frozen), resumable")
+    p.add_argument("--source", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--mode", choices=["replace", "fuse"], default="replace",
+                   help="replace: the translation is the target's whole past (KL to its own prefill); fuse: mixed "
+                        "into the target's own prefill by a learned gate (next-token loss)")
+    p.add_argument("--init", type=Path, help="translator to start from (default: the shipped one, else a ridge fit)")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--gate-lr", type=float, default=TrainConfig.gate_lr)
+    p.add_argument("--batch", type=int, default=TrainConfig.batch)
+    p.add_argument("--train-examples", type=int, default=TrainConfig.train_examples)
+    p.add_argument("--val-examples", type=int, default=TrainConfig.val_examples)
+    p.add_argument("--context-chars", type=int, default=TrainConfig.context_chars)
+    p.add_argument("--continuation-tokens", type=int, default=TrainConfig.continuation_tokens)
+    p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="teacher probabilities kept per token")
+    p.add_argument("--ce-weight", type=float, help="weight of next-token loss (default 0 replace, 1 fuse)")
+    p.add_argument("--kv-weight", type=float, default=0.0, help="weight of a key/value regression term (replace)")
+    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    p.add_argument("--checkpoint-dir", type=Path, help="save every --eval-every steps and resume from here")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --checkpoint-dir")
+    p.add_argument("-o", "--output", type=Path, required=True, help="trained translator (.safetensors)")
+    p.set_defaults(func=cmd_train)
 
     p = tsub.add_parser("run", help="the source reads a context, the target answers from the translated cache")
     p.add_argument("--source", required=True)
@@ -42,6 +68,45 @@ def cmd_fit(args) -> int:
              source_name=args.source, target_name=args.target)
     tr.save(args.output)
     print(f"fitted {args.source} -> {args.target} on {tr.config.tokens_fitted:,} target tokens: {args.output}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from ..models import load_model
+    from ..texts import load_text, text_pieces
+    from ..translate import Translator, fit, load, shipped
+    from ..translate.train import train, with_mode
+
+    cfg = TrainConfig(mode=args.mode, steps=args.steps, lr=args.lr, gate_lr=args.gate_lr, batch=args.batch,
+                      context_chars=args.context_chars, continuation_tokens=args.continuation_tokens,
+                      top_k=args.top_k, ce_weight=args.ce_weight, kv_weight=args.kv_weight,
+                      train_examples=args.train_examples, val_examples=args.val_examples,
+                      eval_every=args.eval_every, checkpoint_every=args.eval_every)
+    src, s_tok = load_model(args.source)
+    tgt, t_tok = load_model(args.target)
+    if torch.cuda.is_available():
+        src, tgt = src.cuda(), tgt.cuda()
+    if args.init:
+        tr = Translator.load(args.init)
+        tr.check_pair(src, tgt)
+    elif (args.source, args.target) in shipped():
+        tr = load(args.source, args.target, src, tgt)
+        print(f"starting from the shipped {args.source} -> {args.target} translator")
+    else:
+        print("no translator to start from: fitting one (ridge) first")
+        texts = text_pieces(load_text("pydoc", "calibration"), 96, 1400)
+        tr = fit(src, tgt, s_tok, t_tok, texts, k=2, source_name=args.source, target_name=args.target)
+    if tr.config.mode != args.mode:
+        tr = with_mode(tr, args.mode)
+    rep = train(tr, src, tgt, s_tok, t_tok, cfg, load_text("pydoc", "calibration"), load_text("pydoc", "eval"),
+                checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume)
+    tr.cpu().save(args.output, dtype=torch.float16)
+    first, last = rep.history[0], rep.history[-1]
+    print(f"trained {args.mode} {args.source} -> {args.target} for {rep.steps} steps ({rep.seconds:.0f}s): "
+          f"validation PPL {first['ppl']:.3f} -> {last['ppl']:.3f} (own prefill {rep.baseline['own']:.3f}, "
+          f"no context {rep.baseline['none']:.3f}), KL {first['kl']:.4f} -> {last['kl']:.4f}: {args.output}")
     return 0
 
 

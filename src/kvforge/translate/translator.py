@@ -20,6 +20,8 @@ from .layers import layer_map
 from .rope import apply_rope, cos_sin, remove_rope
 
 FORMAT = 1
+MODES = ("replace", "fuse")
+GATE_INIT = -3.0
 
 
 class TranslatorMismatchError(ValueError):
@@ -41,6 +43,8 @@ class TranslatorConfig:
     tokens_fitted: int = 0
     identity: bool = False
     sliding_sources: bool = False
+    mode: str = "replace"  # or "fuse": mixed into the target's own prefill by a learned gate
+    trained_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -78,6 +82,11 @@ class Translator(torch.nn.Module):
         # the target's own keys/values of its first special token (e.g. <bos>) at position 0, per layer
         self.register_buffer("bos_k", torch.zeros(len(config.layers), th, td))
         self.register_buffer("bos_v", torch.zeros(len(config.layers), th, td))
+        if config.mode not in MODES:
+            raise ValueError(f"unknown translator mode {config.mode!r}; choose from {', '.join(MODES)}")
+        if config.mode == "fuse":
+            # per target layer, keys/values, head: the gate's logit; starts near "target alone"
+            self.gate = torch.nn.Parameter(torch.full((len(config.layers), 2, th), GATE_INIT))
 
     # -- checks --------------------------------------------------------------------------------
     def check_pair(self, source_model, target_model) -> None:
@@ -112,49 +121,99 @@ class Translator(torch.nn.Module):
         """``[Nt, F]`` features of target ``layer``: its source layers' gathered keys and values."""
         return torch.cat([gathered[j] for j in self.config.layers[layer]], dim=1)
 
-    @torch.no_grad()
-    def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
-                  target_tokenizer) -> KVState:
-        """The target's KV state for ``text``, from the source's ``state`` of the same text."""
-        from ..models import fingerprint, layer_types, text_config
+    def prepare(self, state: KVState, text: str, source_model, target_model, source_tokenizer, target_tokenizer):
+        """Alignment, gathered source features and (when the target has no special first token) the
+        target's own first-token keys/values: everything :meth:`project` needs, computed without gradients."""
+        from .evaluate import prefill_state
 
         self.check_pair(source_model, target_model)
         a = align(text, source_tokenizer, target_tokenizer)
         if state.token_ids.shape[1] != len(a.source_ids) or not torch.equal(state.token_ids[0].cpu(), a.source_ids):
             raise KVStateError("the source state does not hold the tokens of this text (tokenize it with the source "
                                "tokenizer, special tokens included)")
-        n_t, (_, th, td) = len(a.target_ids), self.config.target_shape
-        types = layer_types(target_model)
-        positions = torch.arange(n_t)
-        if self.config.identity:
-            return state
-        src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
-        gathered = self.gather(src, a.index)
-        first = None
-        if a.index[0] >= 0:
-            # no special first token: the target's first token is its attention sink, whose keys and values
-            # are outliers no linear map reproduces; the target computes that one token itself
-            from .evaluate import prefill_state
+        with torch.no_grad():
+            src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
+            gathered = self.gather(src, a.index)
+            first = None
+            if a.index[0] >= 0:
+                # no special first token: the target's first token is its attention sink, whose keys and values
+                # are outliers no linear map reproduces; the target computes that one token itself
+                first = unrotated(prefill_state(target_model, a.target_ids[:1]), target_model)
+                first = [(k[0, :, 0], v[0, :, 0]) for k, v in (first[i] for i in range(len(self.maps)))]
+        return a, gathered, first
 
-            first = unrotated(prefill_state(target_model, a.target_ids[:1]), target_model)
-        out, rope = [], {}
+    def project(self, a, gathered: dict[int, torch.Tensor], first) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per target layer, the un-rotated keys and values ``[heads, Nt, head_dim]`` (differentiable in the
+        maps' weights)."""
+        n_t, (_, th, td) = len(a.target_ids), self.config.target_shape
+        device = self.bos_k.device
+        special = (a.index < 0)[None, :, None].to(device)
+        head = torch.zeros(n_t, dtype=torch.bool, device=device)
+        head[0] = first is not None
+        out = []
         for i, lin in enumerate(self.maps):
-            y = lin(self.features(gathered, i))  # [Nt, 2*th*td]
+            y = lin(self.features(gathered, i).to(lin.weight))  # [Nt, 2*th*td]
             k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
-            special = a.index < 0
-            if special.any():
-                k[:, special], v[:, special] = self.bos_k[i][:, None], self.bos_v[i][:, None]
+            k = torch.where(special, self.bos_k[i][:, None], k)
+            v = torch.where(special, self.bos_v[i][:, None], v)
             if first is not None:
-                k[:, 0], v[:, 0] = first[i][0][0, :, 0], first[i][1][0, :, 0]
+                k = torch.where(head[None, :, None], first[i][0][:, None].to(k.dtype), k)
+                v = torch.where(head[None, :, None], first[i][1][:, None].to(v.dtype), v)
+            out.append((k, v))
+        return out
+
+    def build_state(self, kv: list[tuple[torch.Tensor, torch.Tensor]], a, target_model) -> KVState:
+        """The target's KV state from :meth:`project`'s output: keys rotated at the target's positions."""
+        from ..models import fingerprint, layer_types, text_config
+
+        types = layer_types(target_model)
+        positions = torch.arange(len(a.target_ids))
+        dtype = next(target_model.parameters()).dtype
+        out, rope = [], {}
+        for i, (k, v) in enumerate(kv):
             if types[i] not in rope:
                 rope[types[i]] = cos_sin(target_model, positions, types[i])
-            cos, sin = rope[types[i]]
-            dtype = next(target_model.parameters()).dtype
-            out.append(LayerState.dense(apply_rope(k[None], cos, sin).to(dtype), v[None].to(dtype).contiguous()))
+            out.append(LayerState.dense(apply_rope(k[None], *rope[types[i]]).to(dtype), v[None].to(dtype).contiguous()))
         tc = text_config(target_model)
         return KVState(out, a.target_ids[None], positions, list(types), fingerprint(target_model),
                        model_name=self.config.target, sliding_window=getattr(tc, "sliding_window", None),
                        num_model_layers=len(out), meta={"translated_from": self.config.source})
+
+    def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
+                  target_tokenizer, own: KVState | None = None) -> KVState:
+        """The target's KV state for ``text``, from the source's ``state`` of the same text.
+
+        A ``fuse`` translator mixes the result into ``own``, the target's own state of the same text
+        (required in that mode): ``own + gate * (translated - own)`` per layer and head."""
+        if self.config.identity:
+            self.check_pair(source_model, target_model)
+            return state
+        if self.config.mode == "fuse" and own is None:
+            raise ValueError("a fuse-mode translator needs the target's own state of the text (own=...)")
+        with torch.no_grad():
+            a, gathered, first = self.prepare(state, text, source_model, target_model, source_tokenizer,
+                                              target_tokenizer)
+            out = self.build_state(self.project(a, gathered, first), a, target_model)
+            return self.fuse(own, out) if self.config.mode == "fuse" else out
+
+    def fuse(self, own: KVState, translated: KVState) -> KVState:
+        """``own + sigmoid(gate) * (translated - own)`` per layer, for keys and values, per target head (both
+        states rotated at the same positions, so mixing the rotated tensors is exact)."""
+        if own.num_tokens != translated.num_tokens or not torch.equal(own.token_ids, translated.token_ids):
+            raise KVStateError(f"fuse needs the target's own state of the same tokens: it holds {own.num_tokens} "
+                               f"tokens, the translation {translated.num_tokens}")
+        layers = []
+        for i, (o, t) in enumerate(zip(own.layers, translated.layers)):
+            o, t = o.to_dense(), t.to_dense()
+            n = o.length  # a sliding target layer holds only its last tokens
+            g = torch.sigmoid(self.gate[i]).view(2, 1, -1, 1, 1)
+            ok, ov = o.tensors["keys"], o.tensors["values"]
+            tk, tv = t.tensors["keys"][:, :, -n:], t.tensors["values"][:, :, -n:]
+            layers.append(LayerState.dense((ok + g[0] * (tk.to(ok.dtype) - ok)).to(ok.dtype),
+                                           (ov + g[1] * (tv.to(ov.dtype) - ov)).to(ov.dtype)))
+        return KVState(layers, own.token_ids, own.positions, list(own.layer_types), own.fingerprint,
+                       model_name=own.model_name, sliding_window=own.sliding_window,
+                       num_model_layers=own.num_model_layers, meta={**own.meta, "fused_from": self.config.source})
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:

@@ -1,0 +1,322 @@
+"""Training a translator with both models frozen.
+
+``replace``: KL distillation. The target's next-token distribution on a continuation, given the translated
+cache as its whole past, is pulled towards its distribution given its own prefill of the context (the
+teacher). The teacher is summarised by its top-k probabilities plus one bucket for the rest of the
+vocabulary, so the loss is an exact KL between those coarsened distributions.
+
+``fuse`` (Cache-to-Cache): the target prefills the context itself and the translated cache is mixed into
+its own by a learned gate; trained by next-token loss on the true continuation (as C2C does), optionally
+mixed with the KL to the target's own distribution.
+
+Calibration text is the calibration split; validation text comes from the eval split, so they never
+overlap. Checkpoints hold the translator and the optimizer, and training resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .._compat import cache_kw
+from ..state import KVState
+from .translator import Translator
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "replace"
+    steps: int = 400
+    lr: float = 1e-4  # the maps (they start from the ridge fit)
+    gate_lr: float = 3e-2  # fuse mode's gate logits
+    batch: int = 2  # examples per optimizer step
+    context_chars: int = 1000
+    continuation_tokens: int = 32
+    top_k: int = 128
+    temperature: float = 1.0
+    ce_weight: float | None = None  # weight of next-token loss (1 - it on KL); default: 0 replace, 1 fuse
+    kv_weight: float = 0.0  # optional regression of translated onto own keys/values (replace)
+    train_examples: int = 128
+    val_examples: int = 12
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("replace", "fuse"):
+            raise ValueError(f"unknown mode {self.mode!r}; choose replace or fuse")
+        if self.ce_weight is None:
+            self.ce_weight = 1.0 if self.mode == "fuse" else 0.0
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        for name in ("steps", "batch", "continuation_tokens", "top_k", "train_examples", "val_examples",
+                     "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Example:
+    """One context (read by the source, or by the target in fuse mode) and what follows it."""
+
+    context: str
+    continuation: torch.Tensor  # target token ids
+
+
+@dataclass
+class Prepared:
+    a: object  # Alignment
+    gathered: dict[int, torch.Tensor]
+    first: list | None
+    own: KVState  # the target's own state of the context minus its last token
+    last: torch.Tensor
+    cont: torch.Tensor
+    top_idx: torch.Tensor  # [K, top_k] the teacher's most likely next tokens
+    top_logp: torch.Tensor  # [K, top_k] their log-probabilities
+    tail_logp: torch.Tensor  # [K] log of the rest of the teacher's probability
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # validation points
+    baseline: dict = field(default_factory=dict)  # PPL own / none / before training
+
+
+def examples(text: str, n: int, context_chars: int, continuation_tokens: int, target_tokenizer,
+             stride: int | None = None) -> list[Example]:
+    """``n`` (context, continuation) pairs: a piece of about ``context_chars`` cut at a space, and the first
+    ``continuation_tokens`` target tokens of the text right after it. Pieces start every ``stride``
+    characters (default: a context and its continuation never overlap the next example)."""
+    stride = stride or 2 * context_chars
+    out, pos = [], 0
+    while len(out) < n and pos + 2 * context_chars < len(text):
+        end = text.rfind(" ", pos, pos + context_chars)
+        end = pos + context_chars if end <= pos else end
+        ids = target_tokenizer(text[end:end + context_chars], add_special_tokens=False, return_tensors="pt").input_ids[0]
+        out.append(Example(text[pos:end], ids[:continuation_tokens]))
+        pos += stride
+    if len(out) < n:
+        raise ValueError(f"the text holds only {len(out)} examples of {context_chars} characters every {stride}, "
+                         f"{n} asked (fewer --train-examples or a shorter --context-chars)")
+    return out
+
+
+@torch.no_grad()
+def prepare(tr: Translator, ex: Example, source_model, target_model, source_tokenizer, target_tokenizer,
+            top_k: int, temperature: float) -> Prepared:
+    """Everything a step needs that does not depend on the translator's weights: the source's aligned
+    features, the target's own state and the teacher's top-k next-token distribution."""
+    from .evaluate import prefill_state
+
+    s_ids = source_tokenizer(ex.context, return_tensors="pt").input_ids[0]
+    t_ids = target_tokenizer(ex.context, return_tensors="pt").input_ids[0]
+    a, gathered, first = tr.prepare(prefill_state(source_model, s_ids), ex.context, source_model, target_model,
+                                    source_tokenizer, target_tokenizer)
+    gathered = {j: g.half() for j, g in gathered.items()}  # halves what a set of examples holds
+    first = None if first is None else [(k.clone(), v.clone()) for k, v in first]  # plain tensors, not inference
+    own = _plain(prefill_state(target_model, t_ids[:-1]))
+    logits = _forward(target_model, own, t_ids[-1], ex.continuation)
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), -1)
+    tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-6))
+    return Prepared(a, gathered, first, own, t_ids[-1], ex.continuation, top_idx.cpu(), top_logp.cpu(), tail.cpu())
+
+
+def _plain(state: KVState) -> KVState:
+    """``state`` with its tensors copied out of inference mode (so autograd may use them)."""
+    from ..state import LayerState
+
+    layers = [LayerState(la.kind, {n: t.clone() for n, t in la.tensors.items()}, la.length) for la in state.layers]
+    return KVState(layers, state.token_ids, state.positions, list(state.layer_types), state.fingerprint,
+                   model_name=state.model_name, sliding_window=state.sliding_window,
+                   num_model_layers=state.num_model_layers, meta=dict(state.meta))
+
+
+def _forward(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+    """Logits ``[len(cont), vocab]`` predicting ``cont`` given ``state`` as the past and ``last`` fed first."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if state is None else state.to_cache(model, check=False)
+    n = 0 if state is None else state.num_tokens
+    device = next(model.parameters()).device
+    x = torch.cat([last.view(1), cont[:-1]]).to(device)[None]
+    pos = torch.arange(n, n + x.shape[1], device=device)[None]
+    return model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0]
+
+
+def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
+    """The past the target continues from: the translation (replace) or its fusion into the target's own
+    state (fuse), minus the context's last token."""
+    state = tr.build_state(tr.project(p.a, {j: g.float() for j, g in p.gathered.items()}, p.first), p.a,
+                           target_model)
+    state = state[: p.own.num_tokens]
+    return tr.fuse(p.own, state) if tr.config.mode == "fuse" else state
+
+
+def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """``kl`` (to the teacher's coarsened distribution), ``ce`` (next-token), ``kv`` (regression) and their
+    weighted ``loss``."""
+    state = student_state(tr, p, target_model)
+    logits = _forward(target_model, state, p.last, p.cont).float()
+    logq = torch.log_softmax(logits / cfg.temperature, -1)
+    top_q = logq.gather(1, p.top_idx.to(logq.device))
+    tail_q = torch.log1p(-top_q.exp().sum(-1).clamp(max=1 - 1e-6))
+    p_top, p_tail = p.top_logp.exp().to(logq.device), p.tail_logp.exp().to(logq.device)
+    kl = ((p_top * (p.top_logp.to(logq.device) - top_q)).sum(-1) + p_tail * (p.tail_logp.to(logq.device) - tail_q))
+    kl = kl.mean() * cfg.temperature ** 2
+    ce = F.cross_entropy(logits, p.cont.to(logits.device))
+    out = {"kl": kl, "ce": ce, "loss": (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce}
+    if cfg.kv_weight and tr.config.mode == "replace":
+        kv = sum(F.mse_loss(s.to_dense().tensors[n].float(), o.to_dense().tensors[n][:, :, -s.length:].float())
+                 for s, o in zip(state.layers, p.own.layers) for n in ("keys", "values")) / (2 * len(state.layers))
+        out["kv"] = kv
+        out["loss"] = out["loss"] + cfg.kv_weight * kv
+    return out
+
+
+@torch.no_grad()
+def validate(tr: Translator, val: list[Prepared], target_model, cfg: TrainConfig) -> dict[str, float]:
+    """Mean KL to the teacher, and the target's perplexity on the continuations."""
+    kl = nll = 0.0
+    n = 0
+    for p in val:
+        d = losses(tr, p, target_model, cfg)
+        kl += d["kl"].item()
+        nll += d["ce"].item() * len(p.cont)
+        n += len(p.cont)
+    return {"kl": kl / len(val), "ppl": math.exp(nll / n)}
+
+
+@torch.no_grad()
+def baselines(val: list[Prepared], target_model, bos: torch.Tensor) -> dict[str, float]:
+    """The target's perplexity on the validation continuations with its own prefill and with no context."""
+    from .evaluate import prefill_state
+
+    out = {}
+    for name in ("own", "none"):
+        nll = n = 0
+        for p in val:
+            st = p.own if name == "own" else (prefill_state(target_model, bos) if len(bos) else None)
+            logits = _forward(target_model, st, p.last, p.cont).float()
+            nll += F.cross_entropy(logits, p.cont.to(logits.device), reduction="sum").item()
+            n += len(p.cont)
+        out[name] = math.exp(nll / n)
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(tr: Translator, source_model, target_model, source_tokenizer, target_tokenizer, cfg: TrainConfig,
+          train_text: str, val_text: str, checkpoint_dir: str | Path | None = None, resume: bool = True,
+          show_progress: bool = True, log=print) -> TrainReport:
+    """Train ``tr`` in place (both models frozen) and return the validation history.
+
+    ``tr`` must be in ``cfg.mode`` (start it from :func:`~kvforge.translate.fit`, and for ``fuse`` convert
+    it with :func:`with_mode`). With ``checkpoint_dir``, the translator and optimizer are saved every
+    ``cfg.checkpoint_every`` steps and training resumes from the last checkpoint there.
+    """
+    from ..progress import progress
+
+    if tr.config.mode != cfg.mode:
+        raise ValueError(f"the translator is in {tr.config.mode!r} mode, training asks for {cfg.mode!r} "
+                         "(convert it with kvforge.translate.with_mode)")
+    for m in (source_model, target_model):
+        m.eval()
+        m.requires_grad_(False)
+    tr.check_pair(source_model, target_model)
+    device = next(target_model.parameters()).device
+    tr.to(device)
+    gates = [tr.gate] if cfg.mode == "fuse" else []
+    maps = [p for n, p in tr.named_parameters() if n.startswith("maps.")]
+    opt = torch.optim.Adam([{"params": maps, "lr": cfg.lr}] + ([{"params": gates, "lr": cfg.gate_lr}] if gates else []))
+    step, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt and resume and (ckpt / "train_state.pt").exists():
+        saved = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=False)
+        if saved["train_config"] != asdict(cfg) | {"steps": saved["train_config"]["steps"]}:
+            raise ValueError(f"{ckpt} holds a checkpoint of different training settings: {saved['train_config']}; "
+                             "use another --checkpoint-dir or the same settings")
+        tr.load_state_dict(saved["translator"])
+        opt.load_state_dict(saved["optimizer"])
+        step, history = saved["step"], saved["history"]
+        log(f"resumed from {ckpt} at step {step}")
+
+    t0 = time.perf_counter()
+    ex_train = examples(train_text, cfg.train_examples, cfg.context_chars, cfg.continuation_tokens, target_tokenizer,
+                        stride=cfg.context_chars // 2)  # overlapping contexts: more examples from the split
+    ex_val = examples(val_text, cfg.val_examples, cfg.context_chars, cfg.continuation_tokens, target_tokenizer)
+    args = (source_model, target_model, source_tokenizer, target_tokenizer, cfg.top_k, cfg.temperature)
+    val = [prepare(tr, e, *args) for e in progress(ex_val, desc="prepare validation", disable=not show_progress)]
+    data = [prepare(tr, e, *args) for e in progress(ex_train, desc="prepare training", disable=not show_progress)]
+    bos = target_tokenizer("", return_tensors="pt").input_ids[0]
+    base = baselines(val, target_model, bos)
+
+    def record(at: int) -> dict:
+        v = validate(tr, val, target_model, cfg)
+        v["gap_recovered"] = (base["none"] - v["ppl"]) / (base["none"] - base["own"])
+        v["step"] = at
+        history.append(v)
+        return v
+
+    if not history:
+        v = record(0)
+        log(f"step 0: val KL {v['kl']:.4f}, PPL {v['ppl']:.3f} (own {base['own']:.3f}, none {base['none']:.3f}, "
+            f"gap recovered {100 * v['gap_recovered']:.1f}%)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(step):  # the same example order after a resume
+        torch.randint(len(data), (cfg.batch,), generator=gen)
+    bar = progress(total=cfg.steps, initial=step, desc=f"train {cfg.mode}", disable=not show_progress)
+    while step < cfg.steps:
+        tr.train()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in torch.randint(len(data), (cfg.batch,), generator=gen).tolist():
+            d = losses(tr, data[i], target_model, cfg)
+            (d["loss"] / cfg.batch).backward()
+            total += d["loss"].item() / cfg.batch
+        opt.step()
+        step += 1
+        tr.config.trained_steps = step
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            tr.eval()
+            v = record(step)
+            log(f"step {step}: train loss {total:.4f}, val KL {v['kl']:.4f}, PPL {v['ppl']:.3f}, "
+                f"gap recovered {100 * v['gap_recovered']:.1f}%")
+        if ckpt and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            ckpt.mkdir(parents=True, exist_ok=True)
+            _atomic_save({"translator": tr.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                          "history": history, "train_config": asdict(cfg)}, ckpt / "train_state.pt")
+            tr.save(ckpt / "translator.safetensors")
+            (ckpt / "history.json").write_text(json.dumps({"baseline": base, "history": history}, indent=1))
+    bar.close()
+    tr.eval()
+    return TrainReport(step, time.perf_counter() - t0, history, base)
+
+
+def with_mode(tr: Translator, mode: str) -> Translator:
+    """A copy of ``tr`` in ``mode`` (its maps kept; a new fuse gate starts near "target alone")."""
+    from copy import deepcopy
+
+    from .translator import TranslatorConfig
+
+    cfg = TranslatorConfig(**{**asdict(tr.config), "mode": mode})
+    out = Translator(cfg)
+    state = {k: v for k, v in tr.state_dict().items() if k != "gate"}
+    out.load_state_dict(state, strict=False)
+    out.config.extra = deepcopy(tr.config.extra)
+    return out
