@@ -166,7 +166,12 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        if (Path(path) / "kvforge_mla.json").is_file():  # a model converted by kvforge.mla
+            from .mla.io import load_converted
+
+            model = load_converted(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as e:
         raise ModelNotFoundError(f"cannot load model {name_or_path!r}: {e}") from e
     finally:
@@ -229,6 +234,9 @@ def fingerprint(model) -> str:
         "layer_types": layer_types(cfg),
         "rope": json.dumps(getattr(cfg, "rope_parameters", None), sort_keys=True, default=str),
     }
+    mla = getattr(model, "kvforge_mla", None)
+    if mla is not None:  # a latent-attention conversion: its cache layout is part of the architecture
+        arch["mla"] = {"method": mla.method, "ranks": mla.ranks, "kept": mla.kept_pairs}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
     for name, p in params[:8] + params[-8:]:
         flat = p.detach().reshape(-1)

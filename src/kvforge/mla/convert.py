@@ -1,0 +1,313 @@
+"""Post-hoc conversion of a model's attention to latent (MLA-style) attention.
+
+Initialisation is activation-aware: for each layer the covariance ``C`` of the true input of ``k_proj`` and
+``v_proj`` (the normalised hidden state, captured by hooks on calibration text) whitens the weights,
+``W' = U_r U_r^T W`` with ``U`` the left singular vectors of ``W L`` (``C = L L^T``). The down-projection
+is ``U_r^T W`` and the up-projection ``U_r`` (orthonormal columns). Ranks are allocated over layers (and
+between keys and values) under one budget by the retained energy of each matrix's normalised spectrum.
+``whiten=False`` gives plain weight SVD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .attention import METHODS, LatentAttention
+
+
+@dataclass
+class MLAConfig:
+    """What a conversion did; stored with a saved model (``kvforge_mla.json``)."""
+
+    method: str
+    ranks: list[dict[str, int]]  # per layer: {"k", "v"} (separate) or {"kv"}
+    kept_pairs: list[list[list[int]]] | None = None  # decoupled_rope: per layer, per KV head
+    ratio: float | None = None
+    base_fingerprint: str = ""
+    base_model: str = ""
+    whiten: bool = True
+    calibration_tokens: int = 0
+    retained_energy: list[dict[str, float]] = field(default_factory=list)
+    finetune: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_modules(model) -> list:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+    return [layer.self_attn for layer in layers]
+
+
+@torch.no_grad()
+def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_stats: bool = False) -> dict:
+    """Per layer: ``cov`` (the input of k_proj/v_proj, float64 ``[hidden, hidden]``) and, with ``rope_stats``,
+    ``pair_score [H, D/2]``: mean ``|q_f| |k_f|`` per rotary frequency pair of each KV head (summed over its
+    query heads), the post-norm queries and keys the model attends with."""
+    attns = attention_modules(model)
+    stats = [{"cov": None, "n": 0, "pair": None} for _ in attns]
+    hooks = []
+
+    def k_in(i):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            s = stats[i]
+            s["cov"] = x.T @ x if s["cov"] is None else s["cov"] + x.T @ x
+            s["n"] += x.shape[0]
+        return hook
+
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+
+    def grab(i, name):
+        def hook(_mod, _args, out):
+            captured.setdefault(i, {})[name] = out.detach()
+        return hook
+
+    for i, a in enumerate(attns):
+        hooks.append(a.k_proj.register_forward_pre_hook(k_in(i)))
+        if rope_stats:
+            hooks.append((a.q_norm if getattr(a, "q_norm", None) is not None else a.q_proj).register_forward_hook(
+                grab(i, "q")))
+            hooks.append((a.k_norm if getattr(a, "k_norm", None) is not None else a.k_proj).register_forward_hook(
+                grab(i, "k")))
+    device = next(model.parameters()).device
+    tokens = 0
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(device)
+            captured.clear()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            tokens += ids.shape[1]
+            if rope_stats:
+                for i, a in enumerate(attns):
+                    d = a.head_dim
+                    q = captured[i]["q"].reshape(-1, a.q_proj.out_features // d, d).float()
+                    k = captured[i]["k"].reshape(-1, a.k_proj.out_features // d, d).float()
+                    half = d // 2
+                    qn = (q[..., :half] ** 2 + q[..., half:] ** 2).sqrt()  # [T, Hq, D/2]
+                    kn = (k[..., :half] ** 2 + k[..., half:] ** 2).sqrt()  # [T, H, D/2]
+                    g = qn.shape[1] // kn.shape[1]
+                    score = (qn.mean(0).view(kn.shape[1], g, half).sum(1)) * kn.mean(0)  # [H, D/2]
+                    stats[i]["pair"] = score if stats[i]["pair"] is None else stats[i]["pair"] + score
+    finally:
+        for h in hooks:
+            h.remove()
+    if tokens == 0:
+        raise ValueError("calibration needs at least one non-empty text")
+    out = {"cov": [s["cov"] / s["n"] for s in stats], "tokens": tokens}
+    if rope_stats:
+        out["pair_score"] = [s["pair"] / len(texts) for s in stats]
+    return out
+
+
+def rotation_loss(model, layer: int, span: int = 2048) -> torch.Tensor:
+    """``1 - mean cos(theta_f * delta)`` over distances ``0..span`` per frequency pair ``[D/2]``: how much a
+    pair's rotation changes scores; near 0 for slow pairs, whose rotation can be dropped."""
+    from ..translate.rope import cos_sin
+
+    attn = attention_modules(model)[layer]
+    kind = getattr(attn, "layer_type", None)
+    cos, _ = cos_sin(model, torch.arange(span), kind)
+    half = cos.shape[1] // 2
+    return 1 - cos[:, :half].mean(0)
+
+
+def whitened_basis(weight: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors ``U [out, out']`` and singular values of ``W L`` (``cov = L L^T``); plain SVD of
+    ``W`` without ``cov``."""
+    w = weight.double()
+    if cov is not None:
+        c = cov.double()
+        jitter = 1e-6 * torch.trace(c) / c.shape[0]
+        w = w @ torch.linalg.cholesky(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    return u, s
+
+
+def allocate(spectra: list[torch.Tensor], budget: int, floor: int = 4) -> list[int]:
+    """Ranks for matrices with singular values ``spectra`` summing to ``budget``: greedily the next singular
+    direction with the largest share of its own matrix's energy (normalised spectra; raw energies would
+    starve small-norm matrices such as layer 0's values)."""
+    caps = [len(s) for s in spectra]
+    if budget >= sum(caps):
+        return caps
+    ranks = [min(floor, c) for c in caps]
+    if sum(ranks) > budget:
+        raise ValueError(f"a budget of {budget} latent dims is below the floor of {floor} per matrix")
+    shares = [(s.double() ** 2) / (s.double() ** 2).sum() for s in spectra]
+    import heapq
+
+    heap = [(-float(shares[m][ranks[m]]), m) for m in range(len(spectra)) if ranks[m] < caps[m]]
+    heapq.heapify(heap)
+    left = budget - sum(ranks)
+    while left > 0 and heap:
+        _, m = heapq.heappop(heap)
+        ranks[m] += 1
+        left -= 1
+        if ranks[m] < caps[m]:
+            heapq.heappush(heap, (-float(shares[m][ranks[m]]), m))
+    return ranks
+
+
+def _energy(s: torch.Tensor, r: int) -> float:
+    e = s.double() ** 2
+    return float(e[:r].sum() / e.sum()) if e.sum() > 0 else 1.0
+
+
+@torch.no_grad()
+def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None = None, method: str = "joint",
+            calibration: list[str] | None = None, whiten: bool = True, rope_pairs: int | None = None,
+            max_calibration_tokens: int = 512, name: str = "") -> MLAConfig:
+    """Convert ``model`` in place so that its cache holds latents; returns what was done.
+
+    ``ratio``: KV bytes of the original over the converted cache (2 = half), the latent dims allocated over
+    layers from the calibrated spectra; or ``rank``: the same latent dims in every layer (per matrix for
+    ``separate``). ``calibration``: texts whose k_proj inputs whiten the SVD (required unless
+    ``whiten=False``; never the evaluation text). ``rope_pairs`` (decoupled_rope): rotary frequency pairs
+    kept per KV head, chosen by measured contribution (default: an eighth of the head's pairs).
+    """
+    from ..models import fingerprint, text_config
+
+    if method not in METHODS:
+        raise ValueError(f"unknown MLA method {method!r}; choose from {', '.join(METHODS)}")
+    if (ratio is None) == (rank is None):
+        raise ValueError("give exactly one of ratio= or rank=")
+    if ratio is not None and ratio < 1:
+        raise ValueError(f"ratio must be >= 1 (the original cache's bytes over the latent cache's), got {ratio}")
+    if getattr(model, "kvforge_mla", None) is not None:
+        raise ValueError("this model is already converted to latent attention")
+    attns = attention_modules(model)
+    if any(not hasattr(a, "k_proj") or not hasattr(a, "v_proj") for a in attns):
+        raise ValueError(f"{type(model).__name__}: attention without k_proj/v_proj is not supported")
+    need_cal = whiten or method == "decoupled_rope"
+    if need_cal and not calibration:
+        raise ValueError("calibration texts are required (whitening and rotary-pair selection); pass "
+                         "calibration=[...] or whiten=False with a method other than decoupled_rope")
+    if need_cal and tokenizer is None:
+        raise ValueError("calibration needs the tokenizer")
+    base_fp = fingerprint(model)
+    stats = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=method == "decoupled_rope") \
+        if need_cal else {"cov": [None] * len(attns), "tokens": 0}
+    tc = text_config(model)
+    h = tc.num_key_value_heads
+    d = attns[0].head_dim
+
+    # the matrices to factor, per layer
+    kept_all, mats = [], []
+    for i, a in enumerate(attns):
+        wk, wv = a.k_proj.weight, a.v_proj.weight
+        if method == "separate":
+            mats.append({"k": wk, "v": wv})
+        elif method == "joint":
+            mats.append({"kv": torch.cat([wk, wv])})
+        else:
+            pairs = d // 16 if rope_pairs is None else rope_pairs
+            if not 0 <= pairs <= d // 2:
+                raise ValueError(f"rope_pairs must be in 0..{d // 2}, got {pairs}")
+            score = stats["pair_score"][i] * rotation_loss(model, i).to(stats["pair_score"][i])[None]
+            kept = score.topk(pairs, dim=1).indices.sort(dim=1).values.cpu()  # [H, pairs]
+            kept_all.append(kept)
+            dims = torch.cat([kept, kept + d // 2], 1)
+            rest = [[j for j in range(d) if j not in set(row.tolist())] for row in dims]
+            wk_h = wk.view(h, d, -1)
+            wn = torch.cat([wk_h[j, rest[j]] for j in range(h)])
+            mats.append({"kv": torch.cat([wn, wv])})
+    bases = [{k: whitened_basis(w, stats["cov"][i]) for k, w in m.items()} for i, m in enumerate(mats)]
+    spectra = [bases[i][k][1] for i, m in enumerate(mats) for k in m]
+    if rank is not None:
+        flat = [min(rank, len(s)) for s in spectra]
+    else:
+        full = 2 * h * d * len(attns)
+        overhead = sum(h * 2 * len(k[0]) + (h if getattr(a, "k_norm", None) is not None else 0)
+                       for k, a in zip(kept_all, attns)) if method == "decoupled_rope" else 0
+        budget = int(round(full / ratio)) - overhead
+        if budget < len(spectra):
+            raise ValueError(f"ratio {ratio} leaves {budget} latent dims for {len(spectra)} matrices "
+                             "(the kept rotary dims alone take more); lower the ratio or rope_pairs")
+        flat = allocate(spectra, budget, floor=min(4, budget // len(spectra)))
+    ranks, it = [], iter(flat)
+    for m in mats:
+        ranks.append({k: next(it) for k in m})
+    cfg = MLAConfig(method, ranks, [k.tolist() for k in kept_all] if kept_all else None, ratio, base_fp,
+                    name or getattr(model, "kvforge_name", ""), whiten, stats["tokens"])
+    new_attns = install(model, cfg)
+    for i, (a, new) in enumerate(zip(attns, new_attns)):
+        e = {}
+        for k, w in mats[i].items():
+            u = bases[i][k][0][:, : ranks[i][k]]  # [out, r]
+            down = (u.T @ w.double()).to(w.dtype)
+            e[k] = _energy(bases[i][k][1], ranks[i][k])
+            if method == "separate":
+                getattr(new, f"down_{k}").weight.copy_(down)
+                getattr(new, f"up_{k}").weight.copy_(u.to(w.dtype))
+            else:
+                new.down.weight.copy_(down)
+                n_k = new.up_k.out_features
+                new.up_k.weight.copy_(u[:n_k].to(w.dtype))
+                new.up_v.weight.copy_(u[n_k:].to(w.dtype))
+        if method == "decoupled_rope":
+            wk_h = a.k_proj.weight.view(h, d, -1)
+            new.rope_k.weight.copy_(torch.cat([wk_h[j, new.kept_dims[j]] for j in range(h)]))
+        _copy_biases(a, new, method, h, d)
+        cfg.retained_energy.append(e)
+    model.config.kvforge_mla = cfg.to_dict()
+    return cfg
+
+
+def install(model, cfg: MLAConfig) -> list[LatentAttention]:
+    """Replace every attention module of ``model`` by an (uninitialised) :class:`LatentAttention` of the
+    shapes ``cfg`` records; used by :func:`convert` and to load a saved converted model."""
+    from ..models import layer_types
+
+    attns = attention_modules(model)
+    if len(cfg.ranks) != len(attns):
+        raise ValueError(f"the MLA config has {len(cfg.ranks)} layers, the model {len(attns)}")
+    types = layer_types(model)
+    rotary = getattr(model, "model", model).rotary_emb
+    out = []
+    for i, a in enumerate(attns):
+        kept = torch.tensor(cfg.kept_pairs[i]) if cfg.method == "decoupled_rope" else None
+        new = LatentAttention(a, cfg.method, cfg.ranks[i], rotary, types[i], kept).to(a.q_proj.weight.device)
+        model.model.layers[i].self_attn = new
+        out.append(new)
+    model.kvforge_mla = cfg
+    model.__dict__.pop("_kvforge_fingerprint", None)
+    return out
+
+
+def _copy_biases(a, new: LatentAttention, method: str, h: int, d: int) -> None:
+    """Biases of k_proj/v_proj move to the up-projections (and rope_k for the kept key dims)."""
+    if a.v_proj.bias is not None:
+        new.up_v.bias.copy_(a.v_proj.bias)
+    if a.k_proj.bias is None:
+        return
+    if method != "decoupled_rope":
+        new.up_k.bias.copy_(a.k_proj.bias)
+        return
+    b = a.k_proj.bias.view(h, d)
+    new.rope_k.bias.copy_(torch.cat([b[j, new.kept_dims[j]] for j in range(h)]))
+    new.up_k.bias.copy_(torch.cat([b[j, new.rest_dims[j]] for j in range(h)]))
+
+
+def kv_bytes_per_token(model, dtype_bytes: int = 2) -> int:
+    """Bytes the cache holds per token, all layers, at ``dtype_bytes`` per number (2: fp16/bf16)."""
+    total = 0
+    for a in attention_modules(model):
+        if isinstance(a, LatentAttention):
+            total += a.cache_dims()
+        else:
+            total += 2 * a.k_proj.out_features
+    return total * dtype_bytes
+
+
+def compression(model) -> float:
+    """Original KV bytes over this model's (1.0 for an unconverted model)."""
+    full = sum(2 * (a.k_proj.out_features if hasattr(a, "k_proj") else a.num_kv_heads * a.head_dim)
+               for a in attention_modules(model))
+    return full * 2 / kv_bytes_per_token(model)
+

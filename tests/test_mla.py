@@ -1,0 +1,141 @@
+"""kvforge.mla mechanics on tiny random models: exactness at full rank (RoPE read from the model), latents
+in the cache, absorption equal to decompression, rank allocation, save/load, composition with KVState."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from kvhelpers import one_thread
+from transformers import DynamicCache
+
+from kvforge import KVState, generate
+from kvforge._compat import cache_kw
+from kvforge.mla import METHODS, allocate, calibrate, compression, convert, kv_bytes_per_token, save_converted
+from kvforge.models import fingerprint
+
+CAL = ["the quick brown fox jumps over the lazy dog, " * 3, "pack my box with five dozen liquor jugs; " * 3]
+TEXT = "sphinx of black quartz, judge my vow. how vexingly quick daft zebras jump over sliding windows " * 2
+
+
+def _chunked_logits(model, ids, chunk=5):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids[:, s:s + chunk], **cache_kw(cache), use_cache=True).logits
+                          for s in range(0, ids.shape[1], chunk)], 1), cache
+
+
+def _converted(tiny, **kw):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    with one_thread():
+        cfg = convert(m, tok, calibration=CAL, **kw)
+    return m, tok, cfg
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_rank_reproduces_the_model_in_chunked_decoding(tiny, method):
+    """At full rank every method is the original model: keys re-rotated with the model's own rotary
+    module (per layer type) give the same logits in chunked decoding as the unconverted model."""
+    model, tok = tiny
+    d = model.config.head_dim
+    m, _, _ = _converted(tiny, rank=10**6, method=method, rope_pairs=d // 2)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with one_thread():
+        ref, _ = _chunked_logits(model, ids)
+        got, cache = _chunked_logits(m, ids)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert cache.layers[-1].keys.shape[1] == 1  # the cache holds latents, not per-head keys
+
+
+@pytest.mark.parametrize("ratio", [2.0, 4.0])
+def test_decode_on_latents_equals_decompressing(tiny, ratio):
+    """decoupled_rope: attention on the latents with absorbed up-projections gives what rebuilding the
+    past's keys and values gives; the cache holds 1/ratio of the original bytes."""
+    m, tok, cfg = _converted(tiny, ratio=ratio, method="decoupled_rope", rope_pairs=2)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with one_thread():
+        absorbed, cache = _chunked_logits(m, ids)
+        for layer in m.model.layers:
+            layer.self_attn.absorb = False
+        decompressed, _ = _chunked_logits(m, ids)
+    assert torch.allclose(absorbed, decompressed, atol=1e-4)
+    assert compression(m) == pytest.approx(ratio, rel=0.02)
+    held = sum(layer.keys[0, :, :1].numel() + layer.values[0, :, :1].numel() for layer in cache.layers)
+    assert held * 2 == kv_bytes_per_token(m)  # bytes counted are the numbers the cache holds per token
+
+
+def test_lower_rank_costs_quality_monotonically(tiny):
+    model, tok = tiny
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with one_thread():
+        ref, _ = _chunked_logits(model, ids)
+        errs = []
+        for ratio in (1.5, 3.0, 6.0):
+            m, _, _ = _converted(tiny, ratio=ratio, method="joint")
+            errs.append((_chunked_logits(m, ids)[0] - ref).abs().mean().item())
+    assert errs[0] < errs[1] < errs[2]
+
+
+def test_allocation_spends_the_budget_and_favours_concentrated_spectra():
+    flat, steep = torch.ones(16), torch.tensor([10.0] * 2 + [0.1] * 14)
+    ranks = allocate([flat, steep], 12, floor=1)
+    assert sum(ranks) == 12 and ranks[0] > ranks[1] >= 2
+    assert allocate([flat, steep], 100) == [16, 16]
+    with pytest.raises(ValueError, match="below the floor"):
+        allocate([flat, steep], 3, floor=2)
+
+
+def test_calibration_reads_the_normalised_input_of_k_proj(tiny):
+    """The covariance is of what k_proj receives (after the input norm), not the residual stream."""
+    model, tok = tiny
+    ids = tok(CAL[0], return_tensors="pt").input_ids
+    with torch.no_grad(), one_thread():
+        stats = calibrate(model, tok, [CAL[0]])
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))[0].double()
+    assert torch.allclose(stats["cov"][0], x.T @ x / x.shape[0], atol=1e-6)
+
+
+def test_save_load_round_trip_and_kv_state(tiny, tmp_path):
+    """A converted model saved and loaded gives identical logits, has its own fingerprint, and its latent
+    cache goes through KVState export/save/load: continuing from it equals an uninterrupted run."""
+    m, tok, cfg = _converted(tiny, ratio=2.0, method="decoupled_rope", rope_pairs=2)
+    save_converted(m, None, tmp_path / "conv")
+    from kvforge.mla import load_converted
+
+    back = load_converted(tmp_path / "conv")
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with one_thread():
+        a, cache = _chunked_logits(m, ids)
+        b, _ = _chunked_logits(back, ids)
+        assert torch.equal(a, b)
+        assert fingerprint(back) == fingerprint(m) != fingerprint(tiny[0])
+        state = KVState.from_cache(cache, m, ids)
+        state.save(tmp_path / "ctx.kv")
+        loaded = KVState.load(tmp_path / "ctx.kv")
+        g1 = generate(back, tok, "?", max_new_tokens=5, state=loaded, stop_at_eos=False)
+        g2 = generate(m, tok, torch.cat([ids, tok("?", add_special_tokens=False, return_tensors="pt").input_ids], 1),
+                      max_new_tokens=5, stop_at_eos=False)
+    assert g1.token_ids == g2.token_ids
+    attns = [layer.self_attn for layer in m.model.layers]
+    assert state.nbytes == sum(la.length * a.cache_dims() * 4 for la, a in zip(state.layers, attns))  # float32
+    with pytest.raises(Exception, match="model"):
+        KVState.load(tmp_path / "ctx.kv").to_cache(tiny[0])  # the unconverted model refuses a latent state
+
+
+def test_bad_arguments_are_named(tiny):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="exactly one of"):
+        convert(m, tok, calibration=CAL)
+    with pytest.raises(ValueError, match="ratio must be >= 1"):
+        convert(m, tok, ratio=0.5, calibration=CAL)
+    with pytest.raises(ValueError, match="unknown MLA method"):
+        convert(m, tok, ratio=2, method="svd", calibration=CAL)
+    with pytest.raises(ValueError, match="calibration texts are required"):
+        convert(m, tok, ratio=2)
+    with one_thread():
+        convert(m, tok, ratio=2, whiten=False, method="joint")
+    with pytest.raises(ValueError, match="already converted"):
+        convert(m, tok, ratio=2, calibration=CAL)
