@@ -43,6 +43,8 @@ def add_commands(sub) -> None:
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--checkpoint-dir", type=Path, help="save every --eval-every steps and resume from here")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --checkpoint-dir")
+    p.add_argument("--last", action="store_true",
+                   help="keep the last weights, not those of the best validation point")
     p.add_argument("-o", "--output", type=Path, required=True, help="trained translator (.safetensors)")
     p.set_defaults(func=cmd_train)
 
@@ -83,7 +85,7 @@ def cmd_train(args) -> int:
                       context_chars=args.context_chars, continuation_tokens=args.continuation_tokens,
                       top_k=args.top_k, ce_weight=args.ce_weight, kv_weight=args.kv_weight,
                       train_examples=args.train_examples, val_examples=args.val_examples,
-                      eval_every=args.eval_every, checkpoint_every=args.eval_every)
+                      eval_every=args.eval_every, checkpoint_every=args.eval_every, keep_best=not args.last)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
     if torch.cuda.is_available():
@@ -103,7 +105,8 @@ def cmd_train(args) -> int:
     rep = train(tr, src, tgt, s_tok, t_tok, cfg, load_text("pydoc", "calibration"), load_text("pydoc", "eval"),
                 checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume)
     tr.cpu().save(args.output, dtype=torch.float16)
-    first, last = rep.history[0], rep.history[-1]
+    first = rep.history[0]
+    last = next((h for h in rep.history if h["step"] == tr.config.trained_steps), rep.history[-1])
     print(f"trained {args.mode} {args.source} -> {args.target} for {rep.steps} steps ({rep.seconds:.0f}s): "
           f"validation PPL {first['ppl']:.3f} -> {last['ppl']:.3f} (own prefill {rep.baseline['own']:.3f}, "
           f"no context {rep.baseline['none']:.3f}), KL {first['kl']:.4f} -> {last['kl']:.4f}: {args.output}")

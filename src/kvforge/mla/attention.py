@@ -28,6 +28,7 @@ decoupled_rope  rotated kept dims (H*d_r), key scales (H if k_norm) ``c`` (r)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("separate", "joint", "decoupled_rope")
@@ -82,33 +83,54 @@ class LatentAttention(nn.Module):
         dtype = attn.k_proj.weight.dtype
         kb, vb = attn.k_proj.bias is not None, attn.v_proj.bias is not None
 
-        def lin(i, o, bias=False):
-            return nn.Linear(i, o, bias=bias, dtype=dtype)
+        def lin(i, o):
+            return nn.Linear(i, o, bias=False, dtype=dtype)
 
+        def param(*shape):
+            return nn.Parameter(torch.zeros(*shape, dtype=dtype))
+
+        # up-projections are plain matrices with orthonormal columns at initialisation (fine-tuning keeps
+        # them on the Stiefel manifold): separate has one per latent; joint/decoupled one for keys and
+        # values stacked, [keys rows; values rows] x r
         self.ranks = dict(ranks)
         if method == "separate":
-            self.down_k, self.up_k = lin(hidden, ranks["k"]), lin(ranks["k"], h * d, kb)
-            self.down_v, self.up_v = lin(hidden, ranks["v"]), lin(ranks["v"], h * d, vb)
-        elif method == "joint":
-            self.down = lin(hidden, ranks["kv"])
-            self.up_k, self.up_v = lin(ranks["kv"], h * d, kb), lin(ranks["kv"], h * d, vb)
+            self.down_k, self.down_v = lin(hidden, ranks["k"]), lin(hidden, ranks["v"])
+            self.up_k, self.up_v = param(h * d, ranks["k"]), param(h * d, ranks["v"])
+            n_k = h * d
         else:
-            if kept is None:
-                raise ValueError("decoupled_rope needs the kept rotary frequency pairs per KV head")
-            pairs = kept.shape[1]
-            self.register_buffer("kept_pairs", kept.long().clone())  # [H, pairs], frequency indices < d/2
-            dims = torch.cat([self.kept_pairs, self.kept_pairs + d // 2], 1)  # each pair is (i, i + d/2)
-            rest = torch.stack([torch.tensor([j for j in range(d) if j not in set(row.tolist())], dtype=torch.long)
-                                for row in dims])
-            self.register_buffer("kept_dims", dims)  # [H, 2*pairs]
-            self.register_buffer("rest_dims", rest)  # [H, d - 2*pairs]
-            self.rope_k = lin(hidden, h * 2 * pairs, kb)
+            if method == "decoupled_rope":
+                if kept is None:
+                    raise ValueError("decoupled_rope needs the kept rotary frequency pairs per KV head")
+                pairs = kept.shape[1]
+                self.register_buffer("kept_pairs", kept.long().clone())  # [H, pairs], frequency indices < d/2
+                dims = torch.cat([self.kept_pairs, self.kept_pairs + d // 2], 1)  # each pair is (i, i + d/2)
+                rest = torch.stack([torch.tensor([j for j in range(d) if j not in set(row.tolist())],
+                                                 dtype=torch.long) for row in dims])
+                self.register_buffer("kept_dims", dims)  # [H, 2*pairs]
+                self.register_buffer("rest_dims", rest)  # [H, d - 2*pairs]
+                self.rope_k = nn.Linear(hidden, h * 2 * pairs, bias=kb, dtype=dtype)
+                n_k = h * (d - 2 * pairs)
+            else:
+                n_k = h * d
             self.down = lin(hidden, ranks["kv"])
-            self.up_k, self.up_v = lin(ranks["kv"], h * (d - 2 * pairs), kb), lin(ranks["kv"], h * d, vb)
+            self.up = param(n_k + h * d, ranks["kv"])
+        self.n_k = n_k
+        self.k_bias = param(n_k) if kb else None
+        self.v_bias = param(h * d) if vb else None
         if self.k_norm is not None:
             self.k_eps = _norm_eps(self.k_norm)
 
     # ------------------------------------------------------------------ helpers
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value up-projections ``[rows, r]``."""
+        if self.method == "separate":
+            return self.up_k, self.up_v
+        return self.up[: self.n_k], self.up[self.n_k:]
+
+    def stiefel(self) -> list[nn.Parameter]:
+        """The parameters whose columns are orthonormal (kept so by fine-tuning)."""
+        return [self.up_k, self.up_v] if self.method == "separate" else [self.up]
+
     @property
     def kept(self) -> int:
         return self.kept_dims.shape[1] if self.method == "decoupled_rope" else 0
@@ -178,8 +200,9 @@ class LatentAttention(nn.Module):
         if self.method == "joint":
             cv = ck
         held, q_len = ck.shape[2], q.shape[2]
-        k = self._knorm(self._heads(self.up_k(ck[:, 0]), self.num_kv_heads))
-        v = self._heads(self.up_v(cv[:, 0]), self.num_kv_heads)
+        w_k, w_v = self.up_weights()
+        k = self._knorm(self._heads(F.linear(ck[:, 0], w_k, self.k_bias), self.num_kv_heads))
+        v = self._heads(F.linear(cv[:, 0], w_v, self.v_bias), self.num_kv_heads)
         pos = torch.arange(seen - held, seen, device=x.device)
         cos, sin = self._cos_sin(pos, q.dtype)
         k = _rope(k, cos, sin)
@@ -194,7 +217,8 @@ class LatentAttention(nn.Module):
         gain = _norm_gain(self.k_norm, d, q.dtype) if self.k_norm is not None else None
         c = self.down(x)  # [B, Q, r]
         u_p = self._heads(self.rope_k(x), h)  # [B, H, Q, kept] pre-norm, pre-rotation
-        u_n = self._heads(self.up_k(c), h)  # [B, H, Q, d - kept]
+        up_k, up_v = self.up_weights()
+        u_n = self._heads(F.linear(c, up_k, self.k_bias), h)  # [B, H, Q, d - kept]
         if self.k_norm is not None:
             scale = torch.rsqrt((u_p.float().pow(2).sum(-1, keepdim=True) + u_n.float().pow(2).sum(-1, keepdim=True))
                                 / d + self.k_eps).to(q.dtype)  # [B, H, Q, 1]
@@ -224,25 +248,25 @@ class LatentAttention(nn.Module):
         if scale is not None:
             q_n = q_n * gain[self.rest_dims].repeat_interleave(g, 0)[None, :, None]
         r = lat.shape[-1]
-        w_k = self.up_k.weight.view(h, d - kept, r).repeat_interleave(g, 0)  # [Hq, d - kept, r]
-        w_v = self.up_v.weight.view(h, d, r).repeat_interleave(g, 0)  # [Hq, d, r]
+        w_k = up_k.view(h, d - kept, r).repeat_interleave(g, 0)  # [Hq, d - kept, r]
+        w_v = up_v.view(h, d, r).repeat_interleave(g, 0)  # [Hq, d, r]
         k_p = k_p.repeat_interleave(g, 1)
         s = s.repeat_interleave(g, 1) if s is not None else None
         if self.absorb:
             q_lat = torch.einsum("bhqe,her->bhqr", q_n, w_k)  # the key up-projection absorbed into the query
             scores = q_p @ k_p.transpose(-1, -2) + self._scaled(q_lat @ lat[:, None].transpose(-1, -2), s)
-            if self.up_k.bias is not None:
-                qb = (q_n * self.up_k.bias.view(h, -1).repeat_interleave(g, 0)[None, :, None]).sum(-1, keepdim=True)
+            if self.k_bias is not None:
+                qb = (q_n * self.k_bias.view(h, -1).repeat_interleave(g, 0)[None, :, None]).sum(-1, keepdim=True)
                 scores = scores + self._scaled(qb.expand(-1, -1, -1, t), s)
             probs = self._probs(scores, mask)
             out = torch.einsum("bhqr,hdr->bhqd", probs @ lat[:, None], w_v)  # the value up-projection after
-            if self.up_v.bias is not None:
-                out = out + self.up_v.bias.view(h, d).repeat_interleave(g, 0)[None, :, None]
+            if self.v_bias is not None:
+                out = out + self.v_bias.view(h, d).repeat_interleave(g, 0)[None, :, None]
             return out
         # decompress-every-step: rebuild the past's keys and values, then ordinary attention
-        k_n = self.up_k(lat).view(b, t, h, d - kept).transpose(1, 2).repeat_interleave(g, 1)
+        k_n = F.linear(lat, up_k, self.k_bias).view(b, t, h, d - kept).transpose(1, 2).repeat_interleave(g, 1)
         k_n = k_n * s if s is not None else k_n
-        v = self.up_v(lat).view(b, t, h, d).transpose(1, 2).repeat_interleave(g, 1)
+        v = F.linear(lat, up_v, self.v_bias).view(b, t, h, d).transpose(1, 2).repeat_interleave(g, 1)
         scores = q_p @ k_p.transpose(-1, -2) + q_n @ k_n.transpose(-1, -2)
         return self._probs(scores, mask) @ v
 

@@ -244,12 +244,10 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
             e[k] = _energy(bases[i][k][1], ranks[i][k])
             if method == "separate":
                 getattr(new, f"down_{k}").weight.copy_(down)
-                getattr(new, f"up_{k}").weight.copy_(u.to(w.dtype))
+                getattr(new, f"up_{k}").copy_(u.to(w.dtype))
             else:
                 new.down.weight.copy_(down)
-                n_k = new.up_k.out_features
-                new.up_k.weight.copy_(u[:n_k].to(w.dtype))
-                new.up_v.weight.copy_(u[n_k:].to(w.dtype))
+                new.up.copy_(u.to(w.dtype))
         if method == "decoupled_rope":
             wk_h = a.k_proj.weight.view(h, d, -1)
             new.rope_k.weight.copy_(torch.cat([wk_h[j, new.kept_dims[j]] for j in range(h)]))
@@ -283,15 +281,15 @@ def install(model, cfg: MLAConfig) -> list[LatentAttention]:
 def _copy_biases(a, new: LatentAttention, method: str, h: int, d: int) -> None:
     """Biases of k_proj/v_proj move to the up-projections (and rope_k for the kept key dims)."""
     if a.v_proj.bias is not None:
-        new.up_v.bias.copy_(a.v_proj.bias)
+        new.v_bias.copy_(a.v_proj.bias)
     if a.k_proj.bias is None:
         return
     if method != "decoupled_rope":
-        new.up_k.bias.copy_(a.k_proj.bias)
+        new.k_bias.copy_(a.k_proj.bias)
         return
     b = a.k_proj.bias.view(h, d)
     new.rope_k.bias.copy_(torch.cat([b[j, new.kept_dims[j]] for j in range(h)]))
-    new.up_k.bias.copy_(torch.cat([b[j, new.rest_dims[j]] for j in range(h)]))
+    new.k_bias.copy_(torch.cat([b[j, new.rest_dims[j]] for j in range(h)]))
 
 
 def kv_bytes_per_token(model, dtype_bytes: int = 2) -> int:

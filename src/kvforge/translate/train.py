@@ -47,6 +47,7 @@ class TrainConfig:
     val_examples: int = 12
     eval_every: int = 50
     checkpoint_every: int = 50
+    keep_best: bool = True  # end with the weights of the best validation point (KL replace, PPL fuse)
     seed: int = 0
 
     def __post_init__(self):
@@ -264,11 +265,20 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
     bos = target_tokenizer("", return_tensors="pt").input_ids[0]
     base = baselines(val, target_model, bos)
 
+    metric = "kl" if cfg.mode == "replace" else "ppl"
+    best = {"value": min((h[metric] for h in history), default=float("inf")), "state": None}
+
     def record(at: int) -> dict:
         v = validate(tr, val, target_model, cfg)
         v["gap_recovered"] = (base["none"] - v["ppl"]) / (base["none"] - base["own"])
         v["step"] = at
         history.append(v)
+        if v[metric] <= best["value"]:
+            best["value"], best["state"] = v[metric], {k: t.detach().clone() for k, t in tr.state_dict().items()}
+            best["step"] = at
+            if ckpt:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                tr.save(ckpt / "best.safetensors")
         return v
 
     if not history:
@@ -305,6 +315,14 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
             (ckpt / "history.json").write_text(json.dumps({"baseline": base, "history": history}, indent=1))
     bar.close()
     tr.eval()
+    if cfg.keep_best:
+        if best["state"] is not None:
+            tr.load_state_dict(best["state"])
+            tr.config.trained_steps = best["step"]
+            log(f"kept the best validation point: step {best['step']} ({metric} {best['value']:.4f})")
+        elif ckpt and (ckpt / "best.safetensors").exists():  # resumed past the best point
+            tr.load_state_dict(Translator.load(ckpt / "best.safetensors").state_dict())
+            log(f"kept the best validation point saved in {ckpt / 'best.safetensors'}")
     return TrainReport(step, time.perf_counter() - t0, history, base)
 
 
