@@ -82,6 +82,7 @@ class Translator(torch.nn.Module):
         # the target's own keys/values of its first special token (e.g. <bos>) at position 0, per layer
         self.register_buffer("bos_k", torch.zeros(len(config.layers), th, td))
         self.register_buffer("bos_v", torch.zeros(len(config.layers), th, td))
+        self._first_kv: dict[int, list] = {}  # target token id -> its own first-position keys/values per layer
         if config.mode not in MODES:
             raise ValueError(f"unknown translator mode {config.mode!r}; choose from {', '.join(MODES)}")
         if config.mode == "fuse":
@@ -137,9 +138,16 @@ class Translator(torch.nn.Module):
             first = None
             if a.index[0] >= 0:
                 # no special first token: the target's first token is its attention sink, whose keys and values
-                # are outliers no linear map reproduces; the target computes that one token itself
-                first = unrotated(prefill_state(target_model, a.target_ids[:1]), target_model)
-                first = [(k[0, :, 0], v[0, :, 0]) for k, v in (first[i] for i in range(len(self.maps)))]
+                # are outliers no linear map reproduces; the target computes that one token itself. They depend
+                # on nothing but the token, so they are remembered per token id.
+                tid = int(a.target_ids[0])
+                first = self._first_kv.get(tid)
+                if first is None:
+                    own = unrotated(prefill_state(target_model, a.target_ids[:1]), target_model)
+                    first = [(k[0, :, 0].clone(), v[0, :, 0].clone()) for k, v in (own[i] for i in range(len(self.maps)))]
+                    if len(self._first_kv) >= 4096:
+                        self._first_kv.pop(next(iter(self._first_kv)))
+                    self._first_kv[tid] = first
         return a, gathered, first
 
     def project(self, a, gathered: dict[int, torch.Tensor], first) -> list[tuple[torch.Tensor, torch.Tensor]]:

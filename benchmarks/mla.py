@@ -1,0 +1,168 @@
+"""Post-hoc MLA conversion on a bundled model: quality per method and compression, and decode speed on the
+latents against decompress-every-step.
+
+Quality: decode-faithful perplexity (``kvforge.eval.perplexity``: windows of the pydoc eval split, 512
+tokens prefilled, 512 scored in chunks of 32), calibration on the calibration split (never overlapping).
+"KV bytes" is the cache's numbers per token at 2 bytes each, against the original model's fp16 keys and
+values. Ratio 1 checks exactness: the same perplexity and the same greedy tokens as the original.
+Speed: ms per decode step after 1k, 4k and 8k tokens of context, attention on the latents (absorbed
+up-projections) vs rebuilding past keys and values every step, same model and cache; extra memory is the
+rise of the process's peak resident memory over the decode steps (``/proc/self/clear_refs``).
+
+    python benchmarks/mla.py                                     # smollm2-135m
+    python benchmarks/mla.py --finetuned DIR --label "finetuned 4x"   # add a fine-tuned directory's row
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("KVFORGE_QUIET", "1")
+
+import torch  # noqa: E402
+
+from kvforge import generate, load_model  # noqa: E402
+from kvforge._compat import cache_kw  # noqa: E402
+from kvforge.eval import perplexity  # noqa: E402
+from kvforge.eval.common import token_windows  # noqa: E402
+from kvforge.mla import compression, convert  # noqa: E402
+from kvforge.texts import load_text, text_pieces  # noqa: E402
+
+CONFIGS = [("joint", 1.0), ("separate", 2.0), ("joint", 2.0), ("decoupled_rope", 2.0), ("joint", 4.0),
+           ("decoupled_rope", 4.0), ("joint", 8.0), ("decoupled_rope", 8.0)]
+PROMPT = "The history of the Python programming language begins"
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@torch.inference_mode()
+def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: int = 8) -> list[dict]:
+    """Per context length: ms per decode step and extra peak memory, absorbed vs decompressing."""
+    from transformers import DynamicCache
+
+    rows = []
+    for n in lengths:
+        cache = DynamicCache(config=model.config)
+        for s in range(0, n, 512):  # chunked prefill bounds the attention scores' memory
+            model(input_ids=ids[:, s:min(n, s + 512)], **cache_kw(cache), use_cache=True, logits_to_keep=1)
+        row = {"context": n}
+        for absorb in (True, False):
+            for layer in model.model.layers:
+                layer.self_attn.absorb = absorb
+            gc.collect()
+            base = _rss("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak
+            tok = ids[:, n:n + 1]
+            t = time.perf_counter()
+            for i in range(steps):
+                model(input_ids=tok, **cache_kw(cache), use_cache=True, logits_to_keep=1,
+                      position_ids=torch.tensor([[n + i]]))
+            row["absorbed" if absorb else "decompressed"] = {
+                "ms_per_token": 1000 * (time.perf_counter() - t) / steps,
+                "extra_peak_bytes": max(0, _rss("VmHWM") - base)}
+            for layer in cache.layers:  # drop the decode steps' tokens again
+                layer.crop(n)
+        for layer in model.model.layers:
+            layer.self_attn.absorb = True
+        rows.append(row)
+        print(f"context {n}: absorbed {row['absorbed']['ms_per_token']:.1f} ms/token, decompressed "
+              f"{row['decompressed']['ms_per_token']:.1f} ms/token", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--calibration-pieces", type=int, default=32)
+    ap.add_argument("--configs", help="method:ratio,... (default: a grid over methods and 1/2/4/8x)")
+    ap.add_argument("--finetuned", type=Path, action="append", default=[], help="converted directories to add")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    base, tok = load_model(args.model)
+    configs = CONFIGS if not args.configs else [(c.split(":")[0], float(c.split(":")[1]))
+                                                 for c in args.configs.split(",")]
+    cal = text_pieces(load_text("pydoc", "calibration"), args.calibration_pieces, 2200)
+    windows = token_windows(tok, load_text("pydoc", "eval"), args.windows, 1024)
+    ref = perplexity(base, tok, windows=windows, show_progress=False)
+    ref_tokens = generate(base, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids
+    print(f"original: PPL {ref.ppl:.4f}", flush=True)
+    rows = [{"label": "original", "ratio": 1.0, "ppl": ref.ppl, "same_greedy": True}]
+    speed_model = None
+    for method, ratio in configs:
+        m = copy.deepcopy(base)
+        t = time.perf_counter()
+        cfg = convert(m, tok, ratio=ratio if ratio > 1 else None, rank=10**6 if ratio == 1 else None,
+                      method=method, calibration=cal, name=args.model,
+                      rope_pairs=(m.config.head_dim // 2) if (ratio == 1 and method == "decoupled_rope") else None)
+        conv_s = time.perf_counter() - t
+        r = perplexity(m, tok, windows=windows, show_progress=False)
+        same = generate(m, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids == ref_tokens
+        energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]
+        row = {"label": f"{method} {ratio:g}x", "method": method, "ratio": compression(m), "ppl": r.ppl,
+               "same_greedy": same, "convert_seconds": conv_s, "energy_min": min(energy),
+               "energy_mean": sum(energy) / len(energy)}
+        rows.append(row)
+        print(f"{row['label']}: {row['ratio']:.2f}x, PPL {r.ppl:.4f} ({100 * (r.ppl / ref.ppl - 1):+.1f}%), "
+              f"same greedy {same}, convert {conv_s:.0f}s", flush=True)
+        if method == "decoupled_rope" and ratio == 4.0:
+            speed_model = m
+        else:
+            del m
+    for d in args.finetuned:
+        m, _ = load_model(str(d))
+        r = perplexity(m, tok, windows=windows, show_progress=False)
+        rows.append({"label": f"finetuned {d.name}", "ratio": compression(m), "ppl": r.ppl,
+                     "same_greedy": None, "finetune": m.kvforge_mla.finetune})
+        print(f"{d}: {compression(m):.2f}x, PPL {r.ppl:.4f}", flush=True)
+    speed = []
+    if not args.no_speed and speed_model is not None:
+        ids = token_windows(tok, load_text("pydoc", "eval"), 1, 8192 + 16)[0]
+        speed = decode_speed(speed_model, ids)
+
+    lines = [f"# MLA conversion of {args.model} (training-free unless marked; decode-faithful PPL, {args.windows} "
+             "windows x 512 prefilled + 512 scored in chunks of 32)", "",
+             "| conversion | KV bytes vs fp16 | PPL | vs original | same greedy tokens | retained energy (min / mean) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        e = f"{r['energy_min']:.3f} / {r['energy_mean']:.3f}" if "energy_min" in r else ""
+        same = "" if r["same_greedy"] is None else ("yes" if r["same_greedy"] else "no")
+        lines.append(f"| {r['label']} | 1/{r['ratio']:.2f} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref.ppl - 1):+.1f}% "
+                     f"| {same} | {e} |")
+    if speed:
+        lines += ["", "Decode on the latents (decoupled_rope 4x, same model and cache) vs rebuilding past keys and "
+                  "values every step:", "",
+                  "| context | absorbed ms/token | decompressed ms/token | speed-up | absorbed extra peak | "
+                  "decompressed extra peak |", "|---|---|---|---|---|---|"]
+        for s in speed:
+            a, d = s["absorbed"], s["decompressed"]
+            lines.append(f"| {s['context']} | {a['ms_per_token']:.1f} | {d['ms_per_token']:.1f} | "
+                         f"{d['ms_per_token'] / a['ms_per_token']:.2f}x | {a['extra_peak_bytes'] / 2**20:.1f} MiB | "
+                         f"{d['extra_peak_bytes'] / 2**20:.1f} MiB |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"mla-{args.model}"
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "speed": speed, "torch_threads":
+                                                       torch.get_num_threads(), "created": datetime.now(UTC).isoformat(
+                                                           timespec="seconds")}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""kvforge.mla on the bundled SmolLM2: exact at full rank in chunked decoding (the RoPE test), quality at
+2x, save and load through ``kvforge.load_model``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvforge import generate, load_model
+from kvforge._compat import cache_kw
+from kvforge.eval import perplexity
+from kvforge.eval.common import token_windows
+from kvforge.mla import compression, convert, save_converted
+from kvforge.texts import load_text, text_pieces
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return text_pieces(load_text("pydoc", "calibration"), 8, 2200)
+
+
+@torch.inference_mode()
+def _chunked(model, ids, chunk=32):
+    cache = DynamicCache(config=model.config)
+    return torch.cat([model(input_ids=ids[:, s:s + chunk], **cache_kw(cache), use_cache=True).logits
+                      for s in range(0, ids.shape[1], chunk)], 1)
+
+
+def test_full_rank_is_the_original_model_in_chunked_decoding(smollm, cal):
+    """The rotary base (100000 here) comes from the model: at full rank the converted model's chunked
+    decoding gives the original logits and greedy tokens."""
+    model, tok = smollm
+    m = copy.deepcopy(model)
+    convert(m, tok, rank=10**6, method="joint", calibration=cal)
+    ids = token_windows(tok, load_text("pydoc", "eval"), 1, 256)[0]
+    assert torch.allclose(_chunked(m, ids), _chunked(model, ids), atol=2e-3)
+    prompt = "The history of the Python programming language begins"
+    assert generate(m, tok, prompt, max_new_tokens=16).token_ids == generate(model, tok, prompt,
+                                                                              max_new_tokens=16).token_ids
+
+
+def test_half_the_bytes_keeps_perplexity_close_and_round_trips_through_load_model(smollm, cal, tmp_path):
+    model, tok = smollm
+    m = copy.deepcopy(model)
+    convert(m, tok, ratio=2.0, method="decoupled_rope", calibration=cal, name="smollm2-135m")
+    assert compression(m) == pytest.approx(2.0, rel=0.01)
+    windows = token_windows(tok, load_text("pydoc", "eval"), 1, 512)
+    ref = perplexity(model, tok, windows=windows, context=256, score=256, show_progress=False)
+    got = perplexity(m, tok, windows=windows, context=256, score=256, show_progress=False)
+    assert got.ppl < ref.ppl * 1.25
+    save_converted(m, tok, tmp_path / "mla2")
+    back, _ = load_model(str(tmp_path / "mla2"))
+    ids = windows[0][:, :96]
+    assert torch.equal(_chunked(back, ids), _chunked(m, ids))
