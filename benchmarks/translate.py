@@ -29,7 +29,7 @@ from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, fit  # noqa: E402
 from kvforge.translate.evaluate import continuation_token_nll, prefill_state  # noqa: E402
-from kvforge.translate.registry import WEIGHTS  # noqa: E402
+from kvforge.translate.registry import weights_path  # noqa: E402
 
 BUCKETS = [(0, 16), (16, 48), (48, 128)]  # continuation token ranges: does the benefit decay?
 SHORT = (16, 64)  # the smallest cache that still helps: only the context's last N target tokens
@@ -101,6 +101,13 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
     return rows
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int) -> dict:
     """Exact match on the passage QA set: the target answers from each kind of past."""
     from kvforge import prefill
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context-chars", type=int, default=1000)
     ap.add_argument("--score-tokens", type=int, default=128)
     ap.add_argument("--translator", type=Path, help="load instead of fitting (e.g. one from `translate train`)")
-    ap.add_argument("--shipped", action="store_true", help="use the shipped translator of the pair")
+    ap.add_argument("--shipped", action="store_true",
+                    help="use the shipped translators of the pair (replace, and fuse where one ships)")
     ap.add_argument("--fuse", type=Path, help="a fuse-mode translator (`translate train --mode fuse`) to measure too")
     ap.add_argument("--qa-items", type=int, default=40, help="passage QA items (0: skip QA)")
     ap.add_argument("--no-open-questions", action="store_true", help="skip layer subsets, mixing, smallest cache")
@@ -157,7 +165,9 @@ def main(argv=None) -> int:
     tgt, t_tok = load_model(args.target)
     t0 = time.perf_counter()
     if args.shipped:
-        args.translator = WEIGHTS / f"{args.source}__{args.target}.safetensors"
+        args.translator = weights_path(args.source, args.target)
+        if args.fuse is None and weights_path(args.source, args.target, "fuse").exists():
+            args.fuse = weights_path(args.source, args.target, "fuse")
     if args.translator:
         tr = Translator.load(args.translator)
         tr.check_pair(src, tgt)
@@ -174,8 +184,8 @@ def main(argv=None) -> int:
         fuse.check_pair(src, tgt)
     ev = load_text("pydoc", "eval")
     ctxs = pieces(ev, args.eval_pieces, args.context_chars)
-    conds = {"own": [0.0, 0], "translated": [0.0, 0], **({"fused": [0.0, 0]} if fuse else {}), "control": [0.0, 0],
-             "none": [0.0, 0]}
+    conds = {"own": [0.0, 0], "translated": [0.0, 0], **({"fused": [0.0, 0], "fused control": [0.0, 0]} if fuse else {}),
+             "control": [0.0, 0], "none": [0.0, 0]}
     opens = {} if args.no_open_questions else {k: [0.0, 0] for k in OPEN}
     times = {"source_prefill": 0.0, "translate": 0.0, "target_prefill": 0.0}
     buckets = {k: [[0.0, 0] for _ in BUCKETS] for k in conds}
@@ -203,8 +213,14 @@ def main(argv=None) -> int:
         states = {"own": own, "translated": translated[: len(t_ids) - 1], "control": control[: control.num_tokens - 1],
                   "none": none_state}
         if fuse is not None:
-            states["fused"] = fuse.translate(s_state, ctx, src, tgt, s_tok, t_tok, own=prefill_state(tgt, t_ids))[
-                : len(t_ids) - 1]
+            own_full = prefill_state(tgt, t_ids)
+            states["fused"] = fuse.translate(s_state, ctx, src, tgt, s_tok, t_tok, own=own_full)[: len(t_ids) - 1]
+            # control: the same gate mixes in another (longer) context's translation, cut to this length
+            longer = other + " " + ctxs[(i + len(ctxs) // 2 + 1) % len(ctxs)]
+            wrong = fuse.translated(prefill_state(src, s_tok(longer, return_tensors="pt").input_ids[0]), longer,
+                                    src, tgt, s_tok, t_tok)[: len(t_ids)]
+            wrong.token_ids = own_full.token_ids
+            states["fused control"] = fuse.fuse(own_full, wrong)[: len(t_ids) - 1]
         for name in conds:
             tok_nll = continuation_token_nll(tgt, states[name], last, cont)
             conds[name][0] += tok_nll.sum().item()
@@ -234,7 +250,7 @@ def main(argv=None) -> int:
         + (f" + {tr.config.trained_steps} KL-distillation steps" if tr.config.trained_steps else "")
         + f"; strategy {tr.config.strategy}, "
         f"k={tr.config.k}, fitted on {tr.config.tokens_fitted:,} target tokens"
-        + (f", loaded from {args.translator})" if args.translator else f" in {fit_s:.0f}s)"),
+        + (f", loaded from {_rel(args.translator)})" if args.translator else f" in {fit_s:.0f}s)"),
         "",
         f"{len(ctxs)} held-out contexts of ~{args.context_chars} characters from the eval split; the next "
         f"{args.score_tokens} target tokens scored.",
@@ -243,7 +259,9 @@ def main(argv=None) -> int:
         "|---|---|---|",
         f"| own prefill (upper bound) | {ppl['own']:.3f} | 100% |",
         f"| translated source cache | {ppl['translated']:.3f} | {100 * gap['translated']:.0f}% |",
-        *([f"| fused into own prefill (fuse mode) | {ppl['fused']:.3f} | {100 * gap['fused']:.0f}% |"] if fuse else []),
+        *([f"| fused into own prefill (fuse mode) | {ppl['fused']:.3f} | {100 * gap['fused']:.0f}% |",
+           f"| control: fused with another context's translation | {ppl['fused control']:.3f} | "
+           f"{100 * gap['fused control']:.0f}% |"] if fuse else []),
         f"| control: another context translated | {ppl['control']:.3f} | {100 * gap['control']:.0f}% |",
         f"| no context (lower bound) | {ppl['none']:.3f} | 0% |",
         "",

@@ -41,10 +41,33 @@ def test_wrong_pair_and_same_model(smollm, real_gemma):
     (src, s_tok), (tgt, _) = smollm, real_gemma
     with pytest.raises(TranslatorMismatchError, match="fitted for"):
         load("smollm2-135m", "gemma3-270m", tgt, src)
-    with pytest.raises(ValueError, match="no shipped translator"):
+    with pytest.raises(ValueError, match="no shipped replace translator"):
         load("smollm2-135m", "llama-7b")
+    with pytest.raises(ValueError, match="unknown translator mode"):
+        load("smollm2-135m", "gemma3-270m", mode="blend")
     same = load("smollm2-135m", "smollm2-135m", src, src)
     text = "The KV cache of a model holds its reading of the context."
     state = prefill_state(src, s_tok(text, return_tensors="pt").input_ids[0])
     out = same.translate(state, text, src, src, s_tok, s_tok)
     assert all(torch.equal(a.keys, b.keys) for a, b in zip(out.layers, state.layers))
+
+
+def test_shipped_fuse_translator_beats_the_target_alone(smollm, real_gemma):
+    """Fuse mode: the target reads the context itself and the gate mixes SmolLM2's translated cache in;
+    the continuation's perplexity is lower than with the target's own cache alone."""
+    (src, s_tok), (tgt, t_tok) = smollm, real_gemma
+    assert ("smollm2-135m", "gemma3-270m") in shipped("fuse")
+    fz = load("smollm2-135m", "gemma3-270m", src, tgt, mode="fuse")
+    pieces = text_pieces(load_text("pydoc", "eval"), 4, 1000, offset=80_000)
+    nll = {"fused": 0.0, "own": 0.0}
+    for ctx, nxt in zip(pieces[:-1], pieces[1:]):
+        cont = t_tok(nxt, add_special_tokens=False, return_tensors="pt").input_ids[0][:64]
+        t_ids = t_tok(ctx, return_tensors="pt").input_ids[0]
+        own = prefill_state(tgt, t_ids)
+        with pytest.raises(ValueError, match="needs the target's own state"):
+            fz.translate(prefill_state(src, s_tok(ctx, return_tensors="pt").input_ids[0]), ctx, src, tgt, s_tok, t_tok)
+        fused = fz.translate(prefill_state(src, s_tok(ctx, return_tensors="pt").input_ids[0]), ctx, src, tgt, s_tok,
+                             t_tok, own=own)
+        for name, state in (("fused", fused), ("own", own)):
+            nll[name] += continuation_nll(tgt, state[: len(t_ids) - 1], t_ids[-1], cont)[0]
+    assert nll["fused"] < nll["own"]

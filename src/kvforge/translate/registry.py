@@ -1,33 +1,45 @@
-"""Translators shipped with kvforge, loaded by model pair."""
+"""Translators shipped with kvforge, loaded by model pair (and mode)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .translator import Translator
+from .translator import MODES, Translator
 
 WEIGHTS = Path(__file__).parent / "weights"
 
 
-def shipped() -> list[tuple[str, str]]:
-    """The (source, target) pairs whose fitted translators ship in the package."""
-    return sorted(tuple(p.stem.split("__")) for p in WEIGHTS.glob("*__*.safetensors"))
+def weights_path(source: str, target: str, mode: str = "replace") -> Path:
+    return WEIGHTS / (f"{source}__{target}.safetensors" if mode == "replace" else f"{source}__{target}__{mode}.safetensors")
 
 
-def load(source: str, target: str, source_model=None, target_model=None) -> Translator:
-    """The shipped translator for ``source -> target``. With the models given, checks they are the pair
-    it was fitted for (:class:`TranslatorMismatchError` otherwise). A same-model pair is the identity."""
+def shipped(mode: str = "replace") -> list[tuple[str, str]]:
+    """The (source, target) pairs whose trained translators of ``mode`` ship in the package."""
+    out = []
+    for p in WEIGHTS.glob("*__*.safetensors"):
+        parts = p.stem.split("__")
+        if (len(parts) == 2 and mode == "replace") or (len(parts) == 3 and parts[2] == mode):
+            out.append((parts[0], parts[1]))
+    return sorted(out)
+
+
+def load(source: str, target: str, source_model=None, target_model=None, mode: str = "replace") -> Translator:
+    """The shipped translator for ``source -> target`` in ``mode`` (``replace`` or ``fuse``). With the models
+    given, checks they are the pair it was trained for (:class:`TranslatorMismatchError` otherwise). A
+    same-model pair is the identity."""
     from .translator import identity
 
+    if mode not in MODES:
+        raise ValueError(f"unknown translator mode {mode!r}; choose from {', '.join(MODES)}")
     if source == target:
         if source_model is None:
             raise ValueError("a same-model translator needs the model (load(name, name, model, model))")
         return identity(source_model, source)
-    path = WEIGHTS / f"{source}__{target}.safetensors"
+    path = weights_path(source, target, mode)
     if not path.exists():
-        pairs = ", ".join(f"{s} -> {t}" for s, t in shipped()) or "none"
-        raise ValueError(f"no shipped translator for {source} -> {target}; shipped: {pairs} "
-                         "(fit one with `kvforge translate fit`)")
+        pairs = ", ".join(f"{s} -> {t}" for s, t in shipped(mode)) or "none"
+        raise ValueError(f"no shipped {mode} translator for {source} -> {target}; shipped: {pairs} "
+                         "(train one with `kvforge translate train`)")
     tr = Translator.load(path)
     if source_model is not None and target_model is not None:
         tr.check_pair(source_model, target_model)

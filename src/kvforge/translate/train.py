@@ -33,9 +33,9 @@ from .translator import Translator
 @dataclass
 class TrainConfig:
     mode: str = "replace"
-    steps: int = 400
-    lr: float = 1e-4  # the maps (they start from the ridge fit)
-    gate_lr: float = 3e-2  # fuse mode's gate logits
+    steps: int | None = None  # default: 400 replace, 150 fuse
+    lr: float | None = None  # the maps (they start from the ridge fit); default: 1e-4 replace, 3e-5 fuse
+    gate_lr: float = 1e-2  # fuse mode's gate logits
     batch: int = 2  # examples per optimizer step
     context_chars: int = 1000
     continuation_tokens: int = 32
@@ -53,6 +53,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in ("replace", "fuse"):
             raise ValueError(f"unknown mode {self.mode!r}; choose replace or fuse")
+        if self.steps is None:
+            self.steps = 400 if self.mode == "replace" else 150
+        if self.lr is None:
+            self.lr = 1e-4 if self.mode == "replace" else 3e-5
         if self.ce_weight is None:
             self.ce_weight = 1.0 if self.mode == "fuse" else 0.0
         if not 0.0 <= self.ce_weight <= 1.0:

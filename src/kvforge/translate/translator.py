@@ -198,11 +198,16 @@ class Translator(torch.nn.Module):
             return state
         if self.config.mode == "fuse" and own is None:
             raise ValueError("a fuse-mode translator needs the target's own state of the text (own=...)")
-        with torch.no_grad():
-            a, gathered, first = self.prepare(state, text, source_model, target_model, source_tokenizer,
-                                              target_tokenizer)
-            out = self.build_state(self.project(a, gathered, first), a, target_model)
-            return self.fuse(own, out) if self.config.mode == "fuse" else out
+        out = self.translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
+        return self.fuse(own, out) if self.config.mode == "fuse" else out
+
+    @torch.no_grad()
+    def translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
+                   target_tokenizer) -> KVState:
+        """The projected source state in the target's layout, before any fusion (what ``replace`` uses)."""
+        a, gathered, first = self.prepare(state, text, source_model, target_model, source_tokenizer,
+                                          target_tokenizer)
+        return self.build_state(self.project(a, gathered, first), a, target_model)
 
     def fuse(self, own: KVState, translated: KVState) -> KVState:
         """``own + sigmoid(gate) * (translated - own)`` per layer, for keys and values, per target head (both
