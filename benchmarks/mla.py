@@ -35,8 +35,10 @@ from kvforge.eval.common import token_windows  # noqa: E402
 from kvforge.mla import compression, convert  # noqa: E402
 from kvforge.texts import load_text, text_pieces  # noqa: E402
 
-CONFIGS = [("joint", 1.0), ("separate", 2.0), ("joint", 2.0), ("decoupled_rope", 2.0), ("joint", 4.0),
-           ("decoupled_rope", 4.0), ("joint", 8.0), ("decoupled_rope", 8.0)]
+# (method, ratio, rotary pairs kept per KV head for decoupled_rope; None: the default, head_dim / 16)
+CONFIGS = [("joint", 1.0, None), ("separate", 2.0, None), ("joint", 2.0, None), ("decoupled_rope", 2.0, None),
+           ("decoupled_rope", 2.0, 16), ("joint", 4.0, None), ("decoupled_rope", 4.0, None),
+           ("decoupled_rope", 4.0, 8), ("joint", 8.0, None)]
 PROMPT = "The history of the Python programming language begins"
 
 
@@ -73,7 +75,7 @@ def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: in
                 "ms_per_token": 1000 * (time.perf_counter() - t) / steps,
                 "extra_peak_bytes": max(0, _rss("VmHWM") - base)}
             for layer in cache.layers:  # drop the decode steps' tokens again
-                layer.crop(n)
+                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
         for layer in model.model.layers:
             layer.self_attn.absorb = True
         rows.append(row)
@@ -87,15 +89,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calibration-pieces", type=int, default=32)
-    ap.add_argument("--configs", help="method:ratio,... (default: a grid over methods and 1/2/4/8x)")
+    ap.add_argument("--configs", help="method:ratio[:pairs],... (default: a grid over methods and 1/2/4/8x)")
     ap.add_argument("--finetuned", type=Path, action="append", default=[], help="converted directories to add")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base, tok = load_model(args.model)
-    configs = CONFIGS if not args.configs else [(c.split(":")[0], float(c.split(":")[1]))
-                                                 for c in args.configs.split(",")]
+    configs = CONFIGS if not args.configs else [
+        (c.split(":")[0], float(c.split(":")[1]), int(c.split(":")[2]) if c.count(":") == 2 else None)
+        for c in args.configs.split(",")]
     cal = text_pieces(load_text("pydoc", "calibration"), args.calibration_pieces, 2200)
     windows = token_windows(tok, load_text("pydoc", "eval"), args.windows, 1024)
     ref = perplexity(base, tok, windows=windows, show_progress=False)
@@ -103,23 +106,29 @@ def main(argv=None) -> int:
     print(f"original: PPL {ref.ppl:.4f}", flush=True)
     rows = [{"label": "original", "ratio": 1.0, "ppl": ref.ppl, "same_greedy": True}]
     speed_model = None
-    for method, ratio in configs:
+    for method, ratio, pairs in configs:
         m = copy.deepcopy(base)
         t = time.perf_counter()
-        cfg = convert(m, tok, ratio=ratio if ratio > 1 else None, rank=10**6 if ratio == 1 else None,
-                      method=method, calibration=cal, name=args.model,
-                      rope_pairs=(m.config.head_dim // 2) if (ratio == 1 and method == "decoupled_rope") else None)
+        if ratio == 1 and method == "decoupled_rope":
+            pairs = m.config.head_dim // 2
+        try:
+            cfg = convert(m, tok, ratio=ratio if ratio > 1 else None, rank=10**6 if ratio == 1 else None,
+                          method=method, calibration=cal, name=args.model, rope_pairs=pairs)
+        except ValueError as e:  # e.g. the kept rotary dims alone exceed the budget
+            print(f"{method} {ratio:g}x pairs={pairs}: not possible ({e})", flush=True)
+            continue
         conv_s = time.perf_counter() - t
         r = perplexity(m, tok, windows=windows, show_progress=False)
         same = generate(m, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids == ref_tokens
         energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]
-        row = {"label": f"{method} {ratio:g}x", "method": method, "ratio": compression(m), "ppl": r.ppl,
+        kept = f", {len(cfg.kept_pairs[0][0])} rotary pairs kept" if method == "decoupled_rope" else ""
+        row = {"label": f"{method} {ratio:g}x{kept}", "method": method, "ratio": compression(m), "ppl": r.ppl,
                "same_greedy": same, "convert_seconds": conv_s, "energy_min": min(energy),
                "energy_mean": sum(energy) / len(energy)}
         rows.append(row)
         print(f"{row['label']}: {row['ratio']:.2f}x, PPL {r.ppl:.4f} ({100 * (r.ppl / ref.ppl - 1):+.1f}%), "
               f"same greedy {same}, convert {conv_s:.0f}s", flush=True)
-        if method == "decoupled_rope" and ratio == 4.0:
+        if method == "decoupled_rope" and ratio == 4.0 and speed_model is None:
             speed_model = m
         else:
             del m

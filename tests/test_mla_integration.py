@@ -47,12 +47,12 @@ def test_full_rank_is_the_original_model_in_chunked_decoding(smollm, cal):
 def test_half_the_bytes_keeps_perplexity_close_and_round_trips_through_load_model(smollm, cal, tmp_path):
     model, tok = smollm
     m = copy.deepcopy(model)
-    convert(m, tok, ratio=2.0, method="decoupled_rope", calibration=cal, name="smollm2-135m")
+    convert(m, tok, ratio=2.0, method="joint", calibration=cal, name="smollm2-135m")
     assert compression(m) == pytest.approx(2.0, rel=0.01)
     windows = token_windows(tok, load_text("pydoc", "eval"), 1, 512)
     ref = perplexity(model, tok, windows=windows, context=256, score=256, show_progress=False)
     got = perplexity(m, tok, windows=windows, context=256, score=256, show_progress=False)
-    assert got.ppl < ref.ppl * 1.25
+    assert got.ppl < ref.ppl * 1.3  # benchmarks/mla.py: +18% with 32 calibration pieces
     save_converted(m, tok, tmp_path / "mla2")
     back, _ = load_model(str(tmp_path / "mla2"))
     ids = windows[0][:, :96]

@@ -17,8 +17,9 @@ def add_commands(sub) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--ratio", type=float, help="original KV bytes over latent KV bytes (2 = half)")
     size.add_argument("--rank", type=int, help="the same latent dims in every layer instead of a ratio")
-    p.add_argument("--method", choices=METHODS, default="decoupled_rope")
-    p.add_argument("--rope-pairs", type=int, help="decoupled_rope: rotary pairs kept per KV head (default head_dim/16)")
+    p.add_argument("--method", choices=METHODS, default="joint",
+                   help="joint (default; best quality), separate, or decoupled_rope (decode on the latents)")
+    p.add_argument("--rope-pairs", type=int, help="decoupled_rope: rotary pairs kept per KV head (default head_dim/8, at most half the budget)")
     p.add_argument("--calibration", type=Path, help="calibration text file (default: the pydoc calibration split)")
     p.add_argument("--calibration-pieces", type=int, default=32, help="pieces of ~512 tokens (default 32)")
     p.add_argument("--no-whiten", action="store_true", help="plain weight SVD (no activation statistics)")

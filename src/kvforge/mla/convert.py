@@ -169,7 +169,8 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     layers from the calibrated spectra; or ``rank``: the same latent dims in every layer (per matrix for
     ``separate``). ``calibration``: texts whose k_proj inputs whiten the SVD (required unless
     ``whiten=False``; never the evaluation text). ``rope_pairs`` (decoupled_rope): rotary frequency pairs
-    kept per KV head, chosen by measured contribution (default: an eighth of the head's pairs).
+    kept per KV head, chosen by measured contribution (default: a quarter of the head's pairs, at most half
+    of the layer's byte budget; dropping the rotation of many pairs costs a RoPE model dearly untrained).
     """
     from ..models import fingerprint, text_config
 
@@ -206,7 +207,12 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
         elif method == "joint":
             mats.append({"kv": torch.cat([wk, wv])})
         else:
-            pairs = d // 16 if rope_pairs is None else rope_pairs
+            pairs = rope_pairs
+            if pairs is None:  # a quarter of the pairs, at most half of the layer's budget
+                pairs = d // 8
+                if ratio is not None:
+                    extra = h if getattr(a, "k_norm", None) is not None else 0
+                    pairs = max(0, min(pairs, int((2 * h * d / ratio / 2 - extra) // (2 * h))))
             if not 0 <= pairs <= d // 2:
                 raise ValueError(f"rope_pairs must be in 0..{d // 2}, got {pairs}")
             score = stats["pair_score"][i] * rotation_loss(model, i).to(stats["pair_score"][i])[None]
