@@ -31,17 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..translate.rope import rotate_half
+
 METHODS = ("separate", "joint", "decoupled_rope")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x [B, H, T, D]`` rotated with ``cos/sin`` broadcastable to it."""
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _norm_eps(norm: nn.Module) -> float:

@@ -23,17 +23,22 @@ def continuation_nll(model, state: KVState | None, last: torch.Tensor, cont: tor
     return nll.sum().item(), len(cont)
 
 
+def continuation_logits(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor,
+                        check: bool = True) -> torch.Tensor:
+    """Logits ``[len(cont), vocab]`` predicting each token of ``cont`` when the model has ``state`` as its past
+    and ``last`` is fed first (differentiable through ``state``'s tensors)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config) if state is None else state.to_cache(model, check=check)
+    n = 0 if state is None else state.num_tokens
+    device = next(model.parameters()).device
+    x = torch.cat([last.view(1), cont[:-1]]).to(device)[None]
+    pos = torch.arange(n, n + x.shape[1], device=device)[None]
+    return model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0]
+
+
 @torch.inference_mode()
 def continuation_token_nll(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
     """Per-token NLL ``[len(cont)]`` of :func:`continuation_nll` (for how a benefit decays over tokens)."""
-    from transformers import DynamicCache
-
-    if state is None:
-        cache, n = DynamicCache(config=model.config), 0
-    else:
-        cache, n = state.to_cache(model), state.num_tokens
-    device = next(model.parameters()).device
-    x = torch.cat([last.view(1), cont]).to(device)[None]
-    pos = torch.arange(n, n + x.shape[1], device=device)[None]
-    logits = model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0, :-1]
-    return F.cross_entropy(logits.float(), cont.to(device), reduction="none").cpu()
+    logits = continuation_logits(model, state, last, cont)
+    return F.cross_entropy(logits.float(), cont.to(logits.device), reduction="none").cpu()

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._compat import cache_kw
 from ..state import KVState
+from .evaluate import continuation_logits
 from .translator import Translator
 
 
@@ -129,7 +129,7 @@ def prepare(tr: Translator, ex: Example, source_model, target_model, source_toke
     gathered = {j: g.half() for j, g in gathered.items()}  # halves what a set of examples holds
     first = None if first is None else [(k.clone(), v.clone()) for k, v in first]  # plain tensors, not inference
     own = _plain(prefill_state(target_model, t_ids[:-1]))
-    logits = _forward(target_model, own, t_ids[-1], ex.continuation)
+    logits = continuation_logits(target_model, own, t_ids[-1], ex.continuation, check=False)
     logp = torch.log_softmax(logits.float() / temperature, -1)
     top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), -1)
     tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-6))
@@ -146,18 +146,6 @@ def _plain(state: KVState) -> KVState:
                    num_model_layers=state.num_model_layers, meta=dict(state.meta))
 
 
-def _forward(model, state: KVState | None, last: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
-    """Logits ``[len(cont), vocab]`` predicting ``cont`` given ``state`` as the past and ``last`` fed first."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config) if state is None else state.to_cache(model, check=False)
-    n = 0 if state is None else state.num_tokens
-    device = next(model.parameters()).device
-    x = torch.cat([last.view(1), cont[:-1]]).to(device)[None]
-    pos = torch.arange(n, n + x.shape[1], device=device)[None]
-    return model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0]
-
-
 def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
     """The past the target continues from: the translation (replace) or its fusion into the target's own
     state (fuse), minus the context's last token."""
@@ -171,7 +159,7 @@ def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[
     """``kl`` (to the teacher's coarsened distribution), ``ce`` (next-token), ``kv`` (regression) and their
     weighted ``loss``."""
     state = student_state(tr, p, target_model)
-    logits = _forward(target_model, state, p.last, p.cont).float()
+    logits = continuation_logits(target_model, state, p.last, p.cont, check=False).float()
     logq = torch.log_softmax(logits / cfg.temperature, -1)
     top_q = logq.gather(1, p.top_idx.to(logq.device))
     tail_q = torch.log1p(-top_q.exp().sum(-1).clamp(max=1 - 1e-6))
@@ -211,7 +199,7 @@ def baselines(val: list[Prepared], target_model, bos: torch.Tensor) -> dict[str,
         nll = n = 0
         for p in val:
             st = p.own if name == "own" else (prefill_state(target_model, bos) if len(bos) else None)
-            logits = _forward(target_model, st, p.last, p.cont).float()
+            logits = continuation_logits(target_model, st, p.last, p.cont, check=False).float()
             nll += F.cross_entropy(logits, p.cont.to(logits.device), reduction="sum").item()
             n += len(p.cont)
         out[name] = math.exp(nll / n)
