@@ -10,7 +10,7 @@ layers hold all of them; sliding-window layers may hold only the most recent ``s
 
 It is exported from any transformers cache after a forward pass (``KVState.from_cache``), imported into
 a cache that ``model.generate()`` continues from (``state.to_cache``), saved to one safetensors file
-with JSON metadata and a checksum (``save``/``load``), sliced, concatenated and described.
+with JSON metadata and a checksum (``save``/``load``, or ``to_bytes``/``from_bytes`` for a store), sliced, concatenated and described.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
 from .models import fingerprint as model_fingerprint
@@ -374,6 +376,19 @@ class KVState:
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file: the tensors, and JSON metadata with a SHA-256 of their bytes."""
         path = Path(path)
+        tensors, metadata = self._serialize()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        return path
+
+    def to_bytes(self) -> bytes:
+        """The bytes :meth:`save` would write (for stores that are not files, e.g. Redis)."""
+        tensors, metadata = self._serialize()
+        return save_bytes(tensors, metadata=metadata)
+
+    def _serialize(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors: dict[str, torch.Tensor] = {
             "token_ids": self.token_ids.contiguous(),
             "positions": self.positions.contiguous(),
@@ -398,11 +413,7 @@ class KVState:
             "meta": self.meta,
             "sha256": _digest(tensors),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"kvforge": json.dumps(header)})
-        tmp.replace(path)
-        return path
+        return tensors, {"kvforge": json.dumps(header)}
 
     @classmethod
     def load(cls, path: str | Path, model=None, verify: bool = True) -> KVState:
@@ -416,22 +427,37 @@ class KVState:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise KVFileError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
+        return cls._deserialize(raw, tensors, str(path), model, verify)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, model=None, verify: bool = True, where: str = "KV state bytes") -> KVState:
+        """Read bytes written by :meth:`to_bytes` (the same checks as :meth:`load`)."""
+        try:
+            n = int.from_bytes(data[:8], "little")
+            raw = (json.loads(data[8 : 8 + n]).get("__metadata__") or {}).get("kvforge")
+            tensors = load_bytes(data)
+        except (SafetensorError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
+            raise KVFileError(f"{where}: not readable safetensors bytes (truncated or corrupted?): {e}") from e
+        return cls._deserialize(raw, tensors, where, model, verify)
+
+    @classmethod
+    def _deserialize(cls, raw: str | None, tensors: dict[str, torch.Tensor], where: str, model, verify: bool) -> KVState:
         if raw is None:
-            raise KVFileError(f"{path}: a safetensors file but not a kvforge KV state (no kvforge metadata)")
+            raise KVFileError(f"{where}: a safetensors file but not a kvforge KV state (no kvforge metadata)")
         try:
             header = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise KVFileError(f"{path}: corrupted kvforge metadata: {e}") from e
+            raise KVFileError(f"{where}: corrupted kvforge metadata: {e}") from e
         if header.get("format") != FORMAT_NAME:
-            raise KVFileError(f"{path}: not a kvforge KV state (format {header.get('format')!r})")
+            raise KVFileError(f"{where}: not a kvforge KV state (format {header.get('format')!r})")
         version = header.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise KVFileError(
-                f"{path}: written in kvforge state format version {version}, newer than this kvforge reads "
+                f"{where}: written in kvforge state format version {version}, newer than this kvforge reads "
                 f"(version {FORMAT_VERSION}); upgrade kvforge"
             )
         if verify and _digest(tensors) != header.get("sha256"):
-            raise KVFileError(f"{path}: integrity check failed (SHA-256 of the tensors differs): the file is corrupted")
+            raise KVFileError(f"{where}: integrity check failed (SHA-256 of the tensors differs): the file is corrupted")
         layers = []
         for i, lm in enumerate(header["layers"]):
             ts = {name: tensors[f"layers.{i}.{name}"] for name in lm["tensors"]}

@@ -23,7 +23,7 @@ def _optional_groups():
     import importlib
 
     mods = []
-    for name in ("kvforge.cli.evaluate", "kvforge.cli.quant", "kvforge.cli.translate", "kvforge.cli.mla"):
+    for name in ("kvforge.cli.evaluate", "kvforge.cli.quant", "kvforge.cli.translate", "kvforge.cli.mla", "kvforge.cli.serve"):
         try:
             mods.append(importlib.import_module(name))
         except ImportError:

@@ -1,0 +1,385 @@
+"""The batching engine: one thread that runs the model for every request in flight.
+
+Each iteration of :meth:`Engine._loop` does one prefill chunk for the oldest request still reading its
+prompt, then one decode step for every request that is generating (continuous batching: a request joins
+the decode batch as soon as its prompt is read and leaves as soon as it finishes; nobody waits for anyone
+else to finish). Every request keeps its own cache, built from the server's cache spec; the decode step
+runs them together through :class:`~kvforge.serve.batch.BatchedDecodeCache`.
+
+Prompts are prefilled in chunks (``prefill_chunk`` tokens while others are decoding, so running streams
+keep flowing), starting after the longest prefix found in the prefix store; a block-aligned prefix of each
+prompt is exported (``KVState.from_cache``, in the cache's own encoding) and stored for later requests.
+
+Admission: a request reserves the KV bytes its prompt plus ``max_tokens`` will need under the spec
+(measured once at start-up). While live reservations would pass ``max_kv_bytes`` new requests wait in a
+queue of ``max_queue``; past that :meth:`Engine.submit` raises :class:`Overloaded` (the API answers 503).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .._compat import cache_kw
+from ..generate import _eos_ids, sample_next
+from ..models import text_config
+from ..specs import cache_nbytes, parse_spec
+from ..state import KVState
+from .batch import BatchedDecodeCache
+from .metrics import Metrics
+from .text import TextStream
+
+
+class Overloaded(RuntimeError):
+    """The wait queue is full: try again later (HTTP 503 with Retry-After)."""
+
+
+class RequestTooLarge(ValueError):
+    """A request that could never be admitted (its KV cache alone would pass the budget)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's owner: new text, or the end (``finish_reason`` set), or an error."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: str | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    # engine-side state
+    cache: object = None
+    seen: int = 0  # tokens fed to the cache
+    reserved: int = 0  # KV bytes reserved at admission
+    kv_bytes: int = 0  # KV bytes last measured
+    prefix_tokens: int = 0  # tokens taken from the prefix store
+    store_at: int | None = None
+    generated: list[int] = field(default_factory=list)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    done: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Runs ``model`` for many requests at once (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, spec: str = "dynamic", store=None, max_kv_bytes: int | None = None,
+                 max_queue: int = 64, max_batch: int = 32, prefill_chunk: int = 256, idle_chunk: int = 2048,
+                 metrics: Metrics | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = parse_spec(spec)
+        self.spec.build(model)  # fail now on a spec this model cannot use (and install its attention, if any)
+        self.store = store
+        self.max_kv_bytes = max_kv_bytes
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.idle_chunk = max(idle_chunk, prefill_chunk)
+        self.metrics = metrics or Metrics()
+        self.eos = set(_eos_ids(model, tokenizer))
+        self.context = int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 20)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._fixed, self._per_token, self._probe = self._measure_kv_bytes()
+
+        self._lock = threading.Condition()
+        self.waiting: deque[Request] = deque()  # not admitted yet (KV budget or batch size)
+        self.prefilling: deque[Request] = deque()  # admitted, reading the prompt
+        self.running: list[Request] = []  # generating
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.peak_kv_bytes = 0
+
+    # ------------------------------------------------------------------------------ life cycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kvforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ------------------------------------------------------------------------------ admission
+    @torch.inference_mode()
+    def _measure_kv_bytes(self) -> tuple[float, float, tuple[int, int]]:
+        """KV bytes of a cache from the spec as ``fixed + per_token * n``, from two probe prefills."""
+        sizes = []
+        for n in (256, 768):
+            n = min(n, self.context)
+            cache = self.spec.build(self.model)
+            ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
+            sizes.append((n, cache_nbytes(cache)))
+        (n1, b1), (n2, b2) = sizes
+        per_token = (b2 - b1) / max(1, n2 - n1) if n2 > n1 else b1 / n1
+        return max(0.0, b1 - per_token * n1), per_token, (n1, b1)
+
+    def kv_bytes_for(self, tokens: int) -> int:
+        """An upper estimate of the KV bytes of ``tokens`` tokens in a cache built from the spec."""
+        n1, b1 = self._probe
+        return int(max(self._fixed + self._per_token * tokens, b1 * min(tokens, n1) / n1))
+
+    def submit(self, req: Request) -> None:
+        """Queue ``req``; raises :class:`RequestTooLarge` or :class:`Overloaded`."""
+        req.reserved = self.kv_bytes_for(len(req.prompt_ids) + req.params.max_tokens)
+        if self.max_kv_bytes is not None and req.reserved > self.max_kv_bytes:
+            raise RequestTooLarge(
+                f"this request needs about {req.reserved:,} bytes of KV cache ({len(req.prompt_ids)} prompt tokens "
+                f"+ max_tokens {req.params.max_tokens}), more than this server's --max-kv-bytes {self.max_kv_bytes:,}"
+            )
+        with self._lock:
+            self.waiting.append(req)
+            self._admit()
+            if req in self.waiting and len(self.waiting) > self.max_queue:
+                self.waiting.remove(req)
+                raise Overloaded(
+                    f"the server's KV memory is in use and {self.max_queue} requests are already waiting; retry later"
+                )
+            self.metrics.set("requests_waiting", len(self.waiting))
+            self.metrics.inc("prompt_tokens_total", len(req.prompt_ids))
+            self._lock.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        """Stop ``req`` (its client went away): its slot and cache are freed before the next step."""
+        with self._lock:
+            req.cancelled = True
+            if req in self.waiting:
+                self.waiting.remove(req)
+                req.done = True
+                self.metrics.inc("requests_total", status="cancelled")
+            self._lock.notify_all()
+
+    def _reserved(self) -> int:
+        return sum(r.reserved for r in itertools.chain(self.prefilling, self.running))
+
+    def _admit(self) -> None:
+        """Move waiting requests (in order) into prefill while the budget and batch size allow. Holds the lock."""
+        while self.waiting:
+            req = self.waiting[0]
+            active = len(self.prefilling) + len(self.running)
+            fits = self.max_kv_bytes is None or self._reserved() + req.reserved <= self.max_kv_bytes
+            if active and (not fits or active >= self.max_batch):
+                return
+            self.waiting.popleft()
+            self.prefilling.append(req)
+
+    @property
+    def kv_bytes_held(self) -> int:
+        return sum(r.kv_bytes for r in itertools.chain(list(self.prefilling), list(self.running)))
+
+    # ------------------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.prefilling and not self.running:
+                    self._lock.wait(timeout=1.0)
+                if self._stop:
+                    for r in [*self.waiting, *self.prefilling, *self.running]:
+                        self._fail(r, "the server is shutting down")
+                    return
+                self._drop_cancelled()
+                req = self.prefilling[0] if self.prefilling else None
+            try:
+                if req is not None:
+                    self._prefill_step(req)
+                if self.running:
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
+                traceback.print_exc()
+                rows = [req] if req is not None and not req.done and req in self.prefilling else list(self.running)
+                for r in rows:
+                    self._fail(r, f"{type(e).__name__}: {e}")
+            with self._lock:
+                self._admit()
+                self.metrics.set("requests_waiting", len(self.waiting))
+                self.metrics.set("requests_running", len(self.running) + len(self.prefilling))
+
+    def _drop_cancelled(self) -> None:
+        for queue in (self.prefilling, self.running):
+            for r in [r for r in queue if r.cancelled]:
+                queue.remove(r)
+                self._release(r)
+                r.done = True
+                self.metrics.inc("requests_total", status="cancelled")
+
+    def _release(self, r: Request) -> None:
+        r.cache = None  # the request's cache goes now, not when its owner lets go of the request
+        r.kv_bytes = 0
+
+    @torch.inference_mode()
+    def _prefill_step(self, r: Request) -> None:
+        n = len(r.prompt_ids)
+        if r.cache is None:
+            r.cache = self.spec.build(self.model)
+            if self.store is not None:
+                hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1)
+                self.metrics.inc("prefix_hits_total" if hit else "prefix_misses_total")
+                if hit is not None:
+                    hit.state.to_cache(self.model, r.cache)
+                    r.seen = r.prefix_tokens = hit.tokens
+                    self.metrics.inc("prefix_hit_tokens_total", hit.tokens)
+                at = (n - 1) // self.store.block * self.store.block
+                r.store_at = at if self.store.should_store(at, r.prefix_tokens) else None
+        chunk = self.prefill_chunk if self.running else self.idle_chunk
+        end = min(n, r.seen + chunk)
+        if r.store_at is not None and r.seen < r.store_at:
+            end = min(end, r.store_at)
+        ids = torch.tensor([r.prompt_ids[r.seen : end]], device=self.device)
+        pos = torch.arange(r.seen, end, device=self.device)[None]
+        out = self.model(input_ids=ids, **cache_kw(r.cache), use_cache=True, position_ids=pos, logits_to_keep=1)
+        r.seen = end
+        self.metrics.inc("prefill_tokens_total", ids.shape[1])
+        if end == r.store_at:
+            self._store_call(self.store.put, KVState.from_cache(r.cache, self.model, torch.tensor([r.prompt_ids[:end]])))
+        r.kv_bytes = cache_nbytes(r.cache)
+        if end < n:
+            return
+        with self._lock:
+            self.prefilling.remove(r)
+            if r.cancelled:
+                self._release(r)
+                r.done = True
+                self.metrics.inc("requests_total", status="cancelled")
+                return
+            self.running.append(r)
+        r.stream = TextStream(self.tokenizer, r.params.stop)
+        if r.params.seed is not None:
+            r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        r.first_token_at = time.perf_counter()
+        self.metrics.observe("time_to_first_token_seconds", r.first_token_at - r.submitted)
+        self._accept(r, self._sample(r, out.logits[:, -1]))
+
+    def _store_call(self, fn, *args, **kwargs):
+        """A prefix-store call that cannot fail a request: a store that is down is a miss."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - Redis or disk errors: serve without the store
+            self.metrics.inc("prefix_store_errors_total")
+            print(f"kvforge serve: prefix store error ({type(e).__name__}: {e}); serving without it")
+            return None
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        rows = [r for r in self.running if not r.done]
+        if not rows:
+            return
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
+        pos = torch.tensor([[r.seen] for r in rows], device=self.device)
+        if len(rows) == 1:  # alone: the request's own cache, exactly as kvforge.generate runs it
+            out = self.model(input_ids=ids, **cache_kw(rows[0].cache), use_cache=True, position_ids=pos, logits_to_keep=1)
+        else:
+            view = BatchedDecodeCache(self.model, [r.cache for r in rows], [r.seen for r in rows])
+            mask = view.attention_mask(self.dtype, self.device)
+            out = self.model(input_ids=ids, **cache_kw(view), use_cache=True, position_ids=pos,
+                             attention_mask=mask, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        self.metrics.inc("decode_steps_total")
+        self.metrics.inc("decode_rows_total", len(rows))
+        for i, r in enumerate(rows):
+            r.seen += 1
+            if len(r.generated) % 16 == 0:
+                r.kv_bytes = cache_nbytes(r.cache)
+            self._accept(r, self._sample(r, logits[i : i + 1]))
+        held = self.kv_bytes_held
+        self.peak_kv_bytes = max(self.peak_kv_bytes, held)
+        self.metrics.set("kv_bytes_held", held)
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> int:
+        p = r.params
+        return int(sample_next(logits, p.temperature, p.top_p, r.generator)[0])
+
+    def _accept(self, r: Request, token: int) -> None:
+        r.generated.append(token)
+        self.metrics.inc("generated_tokens_total")
+        if token in self.eos:
+            return self._finish(r, "stop", r.stream.flush())
+        text = r.stream.add(token)
+        if r.stream.stopped:
+            return self._finish(r, "stop", text)
+        if len(r.generated) >= r.params.max_tokens or r.seen + 1 >= self.context:
+            return self._finish(r, "length", text + r.stream.flush())
+        if text:
+            r.on_event(Event(text=text, token_ids=[token]))
+
+    def _usage(self, r: Request) -> dict:
+        n = len(r.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": len(r.generated), "total_tokens": n + len(r.generated),
+                "prompt_tokens_details": {"cached_tokens": r.prefix_tokens}}
+
+    def _finish(self, r: Request, reason: str, text: str = "") -> None:
+        with self._lock:
+            if r in self.running:
+                self.running.remove(r)
+            r.done = True
+            self._release(r)
+        self.metrics.inc("requests_total", status="ok")
+        r.on_event(Event(text=text, finish_reason=reason, usage=self._usage(r)))
+
+    def _fail(self, r: Request, message: str) -> None:
+        with self._lock:
+            for queue in (self.waiting, self.prefilling, self.running):
+                if r in queue:
+                    queue.remove(r)
+            r.done = True
+            self._release(r)
+        self.metrics.inc("requests_total", status="error")
+        r.on_event(Event(error=message))
+
+    # ------------------------------------------------------------------------------ convenience
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 600) -> tuple[str, list[int], Event]:
+        """Submit one request and wait for it (for tests and scripts): ``(text, token_ids, final event)``."""
+        done = threading.Event()
+        pieces: list[str] = []
+        last: list[Event] = []
+
+        def on_event(e: Event) -> None:
+            pieces.append(e.text)
+            if e.finish_reason or e.error:
+                last.append(e)
+                done.set()
+
+        req = Request(list(prompt_ids), params, on_event)
+        self.submit(req)
+        if not done.wait(timeout):
+            self.cancel(req)
+            raise TimeoutError(f"request {req.id} did not finish in {timeout}s")
+        if last[0].error:
+            raise RuntimeError(last[0].error)
+        return "".join(pieces), list(req.generated), last[0]
