@@ -1,7 +1,7 @@
 """The batching engine: one thread that runs the model for every request in flight.
 
-Each iteration of :meth:`Engine._loop` does one prefill chunk for the oldest request still reading its
-prompt, then one decode step for every request that is generating (continuous batching: a request joins
+Each iteration of :meth:`Engine._loop` feeds one chunk of prompt tokens (shared, in arrival order, by the
+requests still reading their prompts), then runs one decode step for every request that is generating (continuous batching: a request joins
 the decode batch as soon as its prompt is read and leaves as soon as it finishes; nobody waits for anyone
 else to finish). Every request keeps its own cache, built from the server's cache spec; the decode step
 runs them together through :class:`~kvforge.serve.batch.BatchedDecodeCache`.
@@ -215,16 +215,23 @@ class Engine:
                         self._fail(r, "the server is shutting down")
                     return
                 self._drop_cancelled()
-                req = self.prefilling[0] if self.prefilling else None
+                pending = list(self.prefilling)
+            # prompts first, up to one chunk of tokens in all (shared in arrival order), then one decode step
+            budget = self.prefill_chunk if self.running else self.idle_chunk
+            for req in pending:
+                if budget <= 0:
+                    break
+                try:
+                    budget -= self._prefill_step(req, budget)
+                except Exception as e:  # noqa: BLE001 - a failing prompt fails its request, not the server
+                    traceback.print_exc()
+                    self._fail(req, f"{type(e).__name__}: {e}")
             try:
-                if req is not None:
-                    self._prefill_step(req)
                 if self.running:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
                 traceback.print_exc()
-                rows = [req] if req is not None and not req.done and req in self.prefilling else list(self.running)
-                for r in rows:
+                for r in list(self.running):
                     self._fail(r, f"{type(e).__name__}: {e}")
             with self._lock:
                 self._admit()
@@ -244,7 +251,8 @@ class Engine:
         r.kv_bytes = 0
 
     @torch.inference_mode()
-    def _prefill_step(self, r: Request) -> None:
+    def _prefill_step(self, r: Request, chunk: int) -> int:
+        """Feed up to ``chunk`` more prompt tokens of ``r``; returns how many were fed."""
         n = len(r.prompt_ids)
         if r.cache is None:
             r.cache = self.spec.build(self.model)
@@ -257,7 +265,7 @@ class Engine:
                     self.metrics.inc("prefix_hit_tokens_total", hit.tokens)
                 at = (n - 1) // self.store.block * self.store.block
                 r.store_at = at if self.store.should_store(at, r.prefix_tokens) else None
-        chunk = self.prefill_chunk if self.running else self.idle_chunk
+        start = r.seen
         end = min(n, r.seen + chunk)
         if r.store_at is not None and r.seen < r.store_at:
             end = min(end, r.store_at)
@@ -270,14 +278,14 @@ class Engine:
             self._store_call(self.store.put, KVState.from_cache(r.cache, self.model, torch.tensor([r.prompt_ids[:end]])))
         r.kv_bytes = cache_nbytes(r.cache)
         if end < n:
-            return
+            return end - start
         with self._lock:
             self.prefilling.remove(r)
             if r.cancelled:
                 self._release(r)
                 r.done = True
                 self.metrics.inc("requests_total", status="cancelled")
-                return
+                return end - start
             self.running.append(r)
         r.stream = TextStream(self.tokenizer, r.params.stop)
         if r.params.seed is not None:
@@ -285,6 +293,7 @@ class Engine:
         r.first_token_at = time.perf_counter()
         self.metrics.observe("time_to_first_token_seconds", r.first_token_at - r.submitted)
         self._accept(r, self._sample(r, out.logits[:, -1]))
+        return end - start
 
     def _store_call(self, fn, *args, **kwargs):
         """A prefix-store call that cannot fail a request: a store that is down is a miss."""
