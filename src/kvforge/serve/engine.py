@@ -139,13 +139,23 @@ class Engine:
     # ------------------------------------------------------------------------------ admission
     @torch.inference_mode()
     def _measure_kv_bytes(self) -> tuple[float, float, tuple[int, int]]:
-        """KV bytes of a cache from the spec as ``fixed + per_token * n``, from two probe prefills."""
+        """KV bytes of a cache from the spec as ``fixed + per_token * n``, measured by filling two caches
+        with ``n`` random tokens' keys and values (layer by layer; a model forward if that is not possible)."""
+        cfg = text_config(self.model)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         sizes = []
         for n in (256, 768):
             n = min(n, self.context)
             cache = self.spec.build(self.model)
-            ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
+            try:
+                for i in range(len(cache.layers)):
+                    kv = torch.randn(1, heads, n, dim, dtype=self.dtype, device=self.device)
+                    cache.layers[i].update(kv, kv.clone())
+            except Exception:  # noqa: BLE001 - a cache whose layers want more than keys and values
+                cache = self.spec.build(self.model)
+                ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+                self.model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
             sizes.append((n, cache_nbytes(cache)))
         (n1, b1), (n2, b2) = sizes
         per_token = (b2 - b1) / max(1, n2 - n1) if n2 > n1 else b1 / n1
