@@ -247,6 +247,24 @@ def test_engine_reuses_stored_prefix_and_prefills_only_the_suffix(tiny_llama):
     assert first == reference(model, tok, doc + "First?", 8)
 
 
+def test_sliding_window_model_reuses_exact_prefixes_only(tiny_gemma):
+    """A sliding layer keeps only its window, so a stored Gemma prefix can be continued from its end but not
+    cut shorter: a partly shared prompt is a miss (and still right), the same prompt again a hit."""
+    model, tok = tiny_gemma
+    doc = "shared document text " * 4
+    store = PrefixStore(model, QUANT, block=8, min_tokens=8)
+    engine = Engine(model, tok, QUANT, store=store).start()
+    try:
+        for question, cached in (("first question here", 0), ("second one", 0), ("first question here", 96)):
+            ids = ids_of(tok, doc + question)[0].tolist()
+            _, tokens, end = engine.generate(ids, SamplingParams(max_tokens=8, **GREEDY))
+            assert end.usage["prompt_tokens_details"]["cached_tokens"] == cached
+            assert tokens == reference(model, tok, doc + question, 8, QUANT)
+    finally:
+        engine.stop()
+    assert engine.metrics.get("prefix_store_errors_total") == 0
+
+
 # ------------------------------------------------------------------------------------------ admission
 def test_admission_waits_then_rejects(tiny_llama):
     model, tok = tiny_llama

@@ -33,6 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens per prefill pass while others generate (default 256)")
     p.add_argument("--served-name", default=None, help="the model name clients send (default: the --model value)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--default-max-tokens", type=int, default=512, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
@@ -48,5 +49,6 @@ def cmd_serve(args) -> int:
     run(ServeConfig(model=args.model, cache=args.cache, host=args.host, port=args.port, kv_store=args.kv_store,
                     store_bytes=args.store_bytes, no_store=args.no_store, max_kv_bytes=args.max_kv_bytes,
                     max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                    default_max_tokens=args.default_max_tokens, dtype=args.dtype, served_name=args.served_name))
+                    default_max_tokens=args.default_max_tokens, dtype=args.dtype, served_name=args.served_name,
+                    threads=args.threads))
     return 0

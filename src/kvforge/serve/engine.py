@@ -269,10 +269,11 @@ class Engine:
             if self.store is not None:
                 hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1)
                 self.metrics.inc("prefix_hits_total" if hit else "prefix_misses_total")
-                if hit is not None:
-                    hit.state.to_cache(self.model, r.cache)
+                if hit is not None and self._store_call(hit.state.to_cache, self.model, r.cache) is not None:
                     r.seen = r.prefix_tokens = hit.tokens
                     self.metrics.inc("prefix_hit_tokens_total", hit.tokens)
+                elif hit is not None:  # it could not be imported: start over from an empty cache
+                    r.cache = self.spec.build(self.model)
                 at = (n - 1) // self.store.block * self.store.block
                 r.store_at = at if self.store.should_store(at, r.prefix_tokens) else None
         start = r.seen
@@ -339,6 +340,7 @@ class Engine:
         held = self.kv_bytes_held
         self.peak_kv_bytes = max(self.peak_kv_bytes, held)
         self.metrics.set("kv_bytes_held", held)
+        self.metrics.set("kv_bytes_peak", self.peak_kv_bytes)
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params

@@ -17,6 +17,7 @@ _HELP = {
     "prefix_store_errors_total": ("counter", "Prefix-store calls that failed (served as misses)."),
     "time_to_first_token_seconds": ("histogram", "Seconds from admission request to the first generated token."),
     "kv_bytes_held": ("gauge", "Bytes held by the KV caches of requests in flight."),
+    "kv_bytes_peak": ("gauge", "The most bytes the KV caches of requests in flight held at once."),
     "kv_bytes_budget": ("gauge", "The --max-kv-bytes budget (0: none)."),
     "prefix_store_bytes": ("gauge", "Bytes held by the prefix store."),
     "prefix_store_entries": ("gauge", "Entries in the prefix store."),

@@ -29,6 +29,7 @@ class ServeConfig:
     default_max_tokens: int = 512
     dtype: str = "float32"
     served_name: str | None = None  # the "model" clients send (default: the --model value)
+    threads: int | None = None  # torch CPU threads (default: torch's own choice)
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "prefill_chunk", "store_block", "default_max_tokens"):
@@ -58,8 +59,11 @@ def build(config: ServeConfig, model=None, tokenizer=None):
 
 def run(config: ServeConfig) -> None:
     """Serve until interrupted (``kvforge serve``)."""
+    import torch
     import uvicorn
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     app, engine = build(config)
     where = f"http://{config.host}:{config.port}"
     store = engine.store.location if engine.store is not None else "off"

@@ -260,10 +260,12 @@ class PrefixStore:
         hashes = block_hashes(token_ids, self.block, upto=limit)
         with self._lock:
             keys = self.backend.lookup(hashes)
+            tried = set()  # an entry unusable at one length is unusable at the shorter ones too
             for i in range(len(keys) - 1, -1, -1):
                 key = keys[i]
-                if key is None:
+                if key is None or key in tried:
                     continue
+                tried.add(key)
                 n = (i + 1) * self.block
                 if n < self.min_tokens:
                     break
@@ -292,7 +294,14 @@ class PrefixStore:
             return None
         if state.num_tokens < n or state.token_ids[0, :n].tolist() != list(token_ids[:n]):
             return None  # a hash collision or an overwritten key: not this prefix
-        return state if state.num_tokens == n else state.select_tokens(0, n)
+        if state.num_tokens == n:
+            return state
+        part = state.select_tokens(0, n)
+        try:
+            part.check_complete()  # a sliding-window layer may not hold what the shorter prefix needs
+        except KVStateError:
+            return None
+        return part
 
     def should_store(self, tokens: int, have: int) -> bool:
         """Store a ``tokens``-token prefix when it is block-aligned, long enough and longer than the hit."""

@@ -1,0 +1,332 @@
+"""``kvforge serve`` under bounded load on 127.0.0.1: batching throughput, latency, prefix reuse, a soak.
+
+For each cache spec a server is started (``kvforge serve`` in a subprocess) and driven by streaming
+clients (``/v1/completions``, greedy, ``max_tokens`` new tokens each):
+
+* throughput: the same ``--requests`` prompts served by 1 client at a time (one at a time: the baseline),
+  then by 4 and 16 concurrent clients; aggregate generated tokens/s, p50/p95 time to first token (TTFT)
+  and per-token latency (a request's (last - first token time) / (tokens - 1)). The prompts are shorter
+  than the prefix store's minimum, so the store plays no part here;
+* prefix reuse: TTFT of a request whose ``--prefix-tokens``-token prefix is in the store (a second question
+  about the same document) against a miss (a document not seen before), median of ``--prefix-trials``;
+* soak (the first spec only, ``--soak-seconds``, 0 skips): 16 clients send requests back to back against a
+  server with ``--max-kv-bytes``; requests sent, completed, failed, the server's peak KV bytes held and
+  its peak RSS against the budget.
+
+    python benchmarks/serve.py                                  # ~15 min on 2 CPU cores
+    python benchmarks/serve.py --requests 8 --soak-seconds 30   # a quick look
+
+Writes ``serve-<model>.md`` and ``.json`` under ``--out`` (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("KVFORGE_QUIET", "1")
+
+import httpx  # noqa: E402
+
+from kvforge.texts import load_text  # noqa: E402
+
+QUANT = "kvforge-quant:preset=balanced"
+
+
+# ------------------------------------------------------------------------------------------ the server
+class Server:
+    """``kvforge serve`` in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, model: str, cache: str, *extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "kvforge", "serve", "--model", model, "--cache", cache, "--host", "127.0.0.1",
+               "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start: {self.proc.stdout.read()}")
+            time.sleep(0.5)
+
+    def rss(self) -> int:
+        """Resident memory of the server process, bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ------------------------------------------------------------------------------------------ clients
+async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming completion: TTFT, per-token latency, tokens, or the error."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    tokens, done = 0, False
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"ok": False, "status": r.status_code, "error": r.text[:200]}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+    except httpx.HTTPError as e:
+        return {"ok": False, "status": 0, "error": f"{type(e).__name__}: {e}"}
+    if not done or first is None:
+        return {"ok": False, "status": 200, "error": "the stream ended without [DONE] or text"}
+    per_token = (last - first) / (tokens - 1) if tokens > 1 else 0.0
+    return {"ok": True, "ttft": first - t0, "per_token": per_token, "tokens": tokens, "seconds": last - t0}
+
+
+async def run_load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Serve ``prompts`` with ``concurrency`` clients pulling from one queue."""
+    queue = list(prompts)
+    results = []
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker():
+            while queue:
+                results.append(await stream_one(client, url, model, queue.pop(0), max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "concurrency": concurrency, "requests": len(results), "failed": len(results) - len(ok), "tokens": tokens,
+        "seconds": wall, "tokens_per_s": tokens / wall,
+        "ttft_p50": pct([r["ttft"] for r in ok], 50), "ttft_p95": pct([r["ttft"] for r in ok], 95),
+        "per_token_p50": pct([r["per_token"] for r in ok], 50), "per_token_p95": pct([r["per_token"] for r in ok], 95),
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def prefix_ttft(url: str, model: str, docs: list[str], max_tokens: int = 4) -> dict:
+    """TTFT of a miss (a new document) and of a hit (a second question about the same document)."""
+    miss, hit = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for doc in docs:
+            r = await stream_one(client, url, model, doc + "\n\nQuestion: what is this about?\nAnswer:", max_tokens)
+            miss.append(r["ttft"])
+            r = await stream_one(client, url, model, doc + "\n\nQuestion: which names appear?\nAnswer:", max_tokens)
+            hit.append(r["ttft"])
+    return {"miss_ttft": statistics.median(miss), "hit_ttft": statistics.median(hit), "miss_all": miss, "hit_all": hit}
+
+
+async def soak(server: Server, model: str, prompts: list[str], clients: int, seconds: float, max_tokens: int) -> dict:
+    sent = completed = failed = 0
+    errors: dict[str, int] = {}
+    stop_at = time.perf_counter() + seconds
+    peak_rss, baseline = 0, server.rss()
+    sampling = True
+
+    def sample():
+        nonlocal peak_rss
+        while sampling:
+            peak_rss = max(peak_rss, server.rss())
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 2)) as client:
+        async def worker(i: int):
+            nonlocal sent, completed, failed
+            k = i
+            while time.perf_counter() < stop_at:
+                sent += 1
+                r = await stream_one(client, server.url, model, prompts[k % len(prompts)], max_tokens)
+                k += clients
+                if r["ok"]:
+                    completed += 1
+                else:
+                    failed += 1
+                    key = f"{r['status']}: {r['error'][:80]}"
+                    errors[key] = errors.get(key, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    sampling = False
+    sampler.join()
+    return {"clients": clients, "seconds": wall, "sent": sent, "completed": completed, "failed": failed,
+            "lost": sent - completed - failed, "errors": errors, "baseline_rss": baseline, "peak_rss": peak_rss,
+            "peak_kv_bytes": server.metric("kvforge_kv_bytes_peak")}
+
+
+# ------------------------------------------------------------------------------------------ main
+def make_prompts(tokenizer, text: str, n: int, tokens: int, offset: int = 0) -> list[str]:
+    """``n`` distinct prompts of ``tokens`` tokens, cut from ``text``."""
+    ids = tokenizer(text[offset : offset + n * tokens * 8]).input_ids
+    return [tokenizer.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(n)]
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):,.0f} MiB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--caches", default=f"dynamic,{QUANT}", help="cache specs, separated by ';'")
+    ap.add_argument("--requests", type=int, default=16, help="requests per throughput run")
+    ap.add_argument("--prompt-tokens", type=int, default=48, help="prompt length of the throughput runs")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--prefix-tokens", type=int, default=2000)
+    ap.add_argument("--prefix-trials", type=int, default=3)
+    ap.add_argument("--soak-seconds", type=float, default=300)
+    ap.add_argument("--soak-clients", type=int, default=16)
+    ap.add_argument("--max-kv-bytes", default="64M", help="the soak server's --max-kv-bytes")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from kvforge.cli.serve import _bytes
+    from kvforge.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(args.model))
+    text = load_text("pydoc", "eval")
+    prompts = make_prompts(tok, text, args.requests, args.prompt_tokens)
+    docs = make_prompts(tok, text, args.prefix_trials, args.prefix_tokens, offset=len(text) // 3)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    specs = [s for s in args.caches.split(";") if s]
+    budget = _bytes(args.max_kv_bytes)
+    result = {"model": args.model, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "settings": vars(args) | {"out": str(args.out)},
+              "runs": {}, "prefix": {}, "soak": None}
+
+    for spec in specs:
+        print(f"== {spec}", flush=True)
+        server = Server(args.model, spec)
+        try:
+            asyncio.run(run_load(server.url, args.model, prompts[:2], 2, 4))  # warm-up
+            runs = []
+            for c in levels:
+                r = asyncio.run(run_load(server.url, args.model, prompts, c, args.max_tokens))
+                runs.append(r)
+                print(f"  {c:>2} clients: {r['tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f}s "
+                      f"p95 {r['ttft_p95']:.2f}s, per token p50 {1000 * r['per_token_p50']:.0f} ms, failed {r['failed']}",
+                      flush=True)
+            result["runs"][spec] = runs
+            p = asyncio.run(prefix_ttft(server.url, args.model, docs))
+            p["prompt_tokens"] = args.prefix_tokens
+            result["prefix"][spec] = p
+            print(f"  prefix {args.prefix_tokens} tokens: hit TTFT {p['hit_ttft']:.3f}s, miss {p['miss_ttft']:.3f}s "
+                  f"({100 * p['hit_ttft'] / p['miss_ttft']:.0f}%)", flush=True)
+        finally:
+            server.stop()
+
+    if args.soak_seconds > 0:
+        spec = specs[0]
+        print(f"== soak: {args.soak_clients} clients for {args.soak_seconds:.0f}s, {spec}, --max-kv-bytes {args.max_kv_bytes}",
+              flush=True)
+        server = Server(args.model, spec, "--max-kv-bytes", str(budget))
+        try:
+            asyncio.run(run_load(server.url, args.model, prompts[:2], 2, 4))
+            s = asyncio.run(soak(server, args.model, prompts, args.soak_clients, args.soak_seconds, args.max_tokens))
+        finally:
+            server.stop()
+        s.update(spec=spec, max_kv_bytes=budget)
+        result["soak"] = s
+        print(f"  sent {s['sent']}, completed {s['completed']}, failed {s['failed']}, peak KV {mib(s['peak_kv_bytes'])}, "
+              f"RSS {mib(s['baseline_rss'])} -> peak {mib(s['peak_rss'])}", flush=True)
+
+    md = render(result)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve-{args.model}"
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {stem}.md and .json")
+    return 0
+
+
+def render(r: dict) -> str:
+    s = r["settings"]
+    lines = [f"# kvforge serve on {r['model']} ({r['machine']}, {r['date']})", "",
+             f"{s['requests']} streaming completions of {s['prompt_tokens']} prompt tokens and up to {s['max_tokens']} "
+             "greedy tokens each; 1 client = the same requests served one at a time.", "",
+             "| cache | clients | tokens/s | vs one at a time | TTFT p50 | TTFT p95 | per token p50 | per token p95 | failed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for spec, runs in r["runs"].items():
+        base = runs[0]["tokens_per_s"]
+        for x in runs:
+            lines.append(f"| {spec} | {x['concurrency']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / base:.2f}x | "
+                         f"{x['ttft_p50']:.2f} s | {x['ttft_p95']:.2f} s | {1000 * x['per_token_p50']:.0f} ms | "
+                         f"{1000 * x['per_token_p95']:.0f} ms | {x['failed']} |")
+    if r["prefix"]:
+        lines += ["", f"Time to first token with a {s['prefix_tokens']}-token document prefix (median of "
+                  f"{s['prefix_trials']}):", "", "| cache | miss | hit (prefix in the store) | hit / miss |",
+                  "|---|---:|---:|---:|"]
+        for spec, p in r["prefix"].items():
+            lines.append(f"| {spec} | {p['miss_ttft']:.3f} s | {p['hit_ttft']:.3f} s | "
+                         f"{100 * p['hit_ttft'] / p['miss_ttft']:.1f}% |")
+    if r["soak"]:
+        k = r["soak"]
+        lines += ["", f"Soak: {k['clients']} clients for {k['seconds']:.0f} s, {k['spec']}, --max-kv-bytes "
+                  f"{mib(k['max_kv_bytes'])}:", "",
+                  "| sent | completed | failed | lost | peak KV bytes held | RSS at start | peak RSS | RSS growth |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {k['sent']} | {k['completed']} | {k['failed']} | {k['lost']} | {mib(k['peak_kv_bytes'])} | "
+                  f"{mib(k['baseline_rss'])} | {mib(k['peak_rss'])} | {mib(k['peak_rss'] - k['baseline_rss'])} |"]
+        if k["errors"]:
+            lines += ["", "Errors: " + "; ".join(f"{n}x {e}" for e, n in k["errors"].items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
