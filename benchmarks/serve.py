@@ -230,8 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--soak-seconds", type=float, default=300)
     ap.add_argument("--soak-clients", type=int, default=16)
     ap.add_argument("--max-kv-bytes", default="64M", help="the soak server's --max-kv-bytes")
+    ap.add_argument("--server-threads", type=int, default=None, help="the servers' torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
+    threads = ["--threads", str(args.server_threads)] if args.server_threads else []
 
     from transformers import AutoTokenizer
 
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
 
     for spec in specs:
         print(f"== {spec}", flush=True)
-        server = Server(args.model, spec)
+        server = Server(args.model, spec, *threads)
         try:
             asyncio.run(run_load(server.url, args.model, prompts[:2], 2, 4))  # warm-up
             runs = []
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
         spec = specs[0]
         print(f"== soak: {args.soak_clients} clients for {args.soak_seconds:.0f}s, {spec}, --max-kv-bytes {args.max_kv_bytes}",
               flush=True)
-        server = Server(args.model, spec, "--max-kv-bytes", str(budget))
+        server = Server(args.model, spec, "--max-kv-bytes", str(budget), *threads)
         try:
             asyncio.run(run_load(server.url, args.model, prompts[:2], 2, 4))
             s = asyncio.run(soak(server, args.model, prompts, args.soak_clients, args.soak_seconds, args.max_tokens))

@@ -319,6 +319,7 @@ def test_http_bad_input_gets_openai_errors_and_server_keeps_serving(client):
     _error(client.post(url, json={**ok, "max_tokens": 10**9}), 400, "maximum context length", "max_tokens")
     _error(client.post(url, json={**ok, "prompt": "y" * 600}), 400, "maximum context length", "prompt")
     _error(client.post(url, json={**ok, "prompt": 5}), 400, "'prompt' must be", "prompt")
+    _error(client.post(url, json={**ok, "prompt": [[1, 2], [3]]}), 400, "one prompt per request", "prompt")
     _error(client.post(url, json={**ok, "temperature": 7}), 400, "temperature", "temperature")
     _error(client.post(url, json={**ok, "stream": "yes"}), 400, "'stream' must be boolean", "stream")
     _error(client.post(url, json={**ok, "n": 2}), 400, "'n' must be 1", "n")
@@ -329,7 +330,7 @@ def test_http_bad_input_gets_openai_errors_and_server_keeps_serving(client):
     _error(client.get("/v1/nothing"), 404, "not found")
     r = client.post(url, json=ok)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
-    assert client.engine.metrics.get("requests_total", status="invalid") == 15
+    assert client.engine.metrics.get("requests_total", status="invalid") == 16
 
 
 def test_http_completions_chat_models_health_metrics(client):

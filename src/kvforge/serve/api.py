@@ -154,7 +154,11 @@ def _prompt_ids(body: dict, tokenizer) -> list[int]:
             raise APIError(400, "'prompt' must be a string, a list of token ids, or a list holding one of those "
                            "(one prompt per request)", param="prompt", code="invalid_value")
     if isinstance(prompt, str):
-        return list(tokenizer(prompt).input_ids)
+        ids = list(tokenizer(prompt).input_ids)
+        if not ids:
+            raise APIError(400, "'prompt' is empty: there is nothing to continue from", param="prompt",
+                           code="invalid_value")
+        return ids
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     if not prompt or any((not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab and t >= vocab)) for t in prompt):
         raise APIError(400, "'prompt' token ids must be non-empty integers within the vocabulary", param="prompt",
@@ -178,7 +182,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        metrics.inc("requests_total", status="rejected" if exc.status == 503 else "invalid")
+        if exc.status < 500 or exc.status == 503:  # server failures were counted by the engine
+            metrics.inc("requests_total", status="rejected" if exc.status == 503 else "invalid")
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)

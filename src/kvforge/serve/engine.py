@@ -357,7 +357,14 @@ class Engine:
         if len(r.generated) >= r.params.max_tokens or r.seen + 1 >= self.context:
             return self._finish(r, "length", text + r.stream.flush())
         if text:
-            r.on_event(Event(text=text, token_ids=[token]))
+            self._emit(r, Event(text=text, token_ids=[token]))
+
+    def _emit(self, r: Request, event: Event) -> None:
+        """Hand ``event`` to the request's owner; an owner that is gone cancels its request, nobody else's."""
+        try:
+            r.on_event(event)
+        except Exception:  # noqa: BLE001 - e.g. the owner's event loop has closed
+            r.cancelled = True
 
     def _usage(self, r: Request) -> dict:
         n = len(r.prompt_ids)
@@ -371,7 +378,7 @@ class Engine:
             r.done = True
             self._release(r)
         self.metrics.inc("requests_total", status="ok")
-        r.on_event(Event(text=text, finish_reason=reason, usage=self._usage(r)))
+        self._emit(r, Event(text=text, finish_reason=reason, usage=self._usage(r)))
 
     def _fail(self, r: Request, message: str) -> None:
         with self._lock:
@@ -381,7 +388,7 @@ class Engine:
             r.done = True
             self._release(r)
         self.metrics.inc("requests_total", status="error")
-        r.on_event(Event(error=message))
+        self._emit(r, Event(error=message))
 
     # ------------------------------------------------------------------------------ convenience
     def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 600) -> tuple[str, list[int], Event]:
