@@ -7,6 +7,9 @@ Public API::
     generate, GenerationResult                reference generation loop
     PreallocatedCache, PreallocatedLayer      reference pre-allocated cache
     CacheSpec, build_cache, cache_nbytes      one way to name a cache (see kvforge.specs)
+
+Capabilities live in sub-packages (``kvforge.quant``, ``kvforge.translate``, ``kvforge.mla``, ``kvforge.eval``,
+and ``kvforge.serve``: the OpenAI-compatible server, ``kvforge serve``, extra ``serve``).
 """
 
 from .cache import CacheOverflowError, PreallocatedCache, PreallocatedLayer
