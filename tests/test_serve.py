@@ -88,6 +88,37 @@ def test_batched_greedy_equals_unbatched(tiny, spec, chunk):
     assert engine.kv_bytes_held == 0 and all(req.cache is None for req, _ in got)
 
 
+def test_batched_prefill_equals_one_at_a_time(tiny):
+    """Prompt chunks of several requests read in one padded pass, one of them continuing a stored prefix,
+    give each request its one-at-a-time greedy tokens. (``dynamic`` only: a quantized cache quantizes a
+    prompt read in two chunks at other points than one read whole, batched or not.)"""
+    model, tok = tiny
+    spec = "dynamic"
+    doc = "Some shared words, then "
+    prompts = [doc + "a question?", "Short prompt one", "Another prompt!", "The third prompt"]
+    refs = [reference(model, tok, p, 10, spec) for p in prompts]
+    store = PrefixStore(model, spec, block=8, min_tokens=8)
+    engine = Engine(model, tok, spec, store=store)
+    _, first = submit(engine, tok, doc + "something else", max_tokens=2)
+    engine.start()
+    assert first.done.wait(30)
+    engine.stop()  # queue the rest before the engine runs again, so they are read together
+    got = [submit(engine, tok, p, max_tokens=10) for p in prompts]
+    passes, rows = engine.metrics.get("prefill_passes_total"), engine.metrics.get("prefill_rows_total")
+    engine.start()
+    try:
+        for _, c in got:
+            assert c.done.wait(30)
+    finally:
+        engine.stop()
+    if not any(t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or []):
+        assert got[0][0].prefix_tokens == 24  # one row continued a stored prefix (not cut: sliding layers)
+    passes = engine.metrics.get("prefill_passes_total") - passes
+    rows = engine.metrics.get("prefill_rows_total") - rows
+    assert rows >= passes + 3  # the four first chunks were read in one pass
+    assert [req.generated for req, _ in got] == refs
+
+
 def test_requests_join_and_leave_between_decode_steps(tiny_llama):
     """A long request is generating; two more arrive, join its decode batch, finish and leave before it ends."""
     model, tok = tiny_llama

@@ -4,17 +4,18 @@ Public API::
 
     ServeConfig, build, run, BackgroundServer     settings; (app, engine) for a model; serve with uvicorn
     Engine, Request, SamplingParams, Event        continuous batching, each request with its own cache
-    BatchedDecodeCache                            one decode step over many caches of different lengths
+    BatchedCache                                  one forward pass over many caches of different lengths
     PrefixStore                                   prompt-prefix KV states: memory, directory or Redis
     create_app, ServerInfo                        the FastAPI app (completions, chat, models, health, metrics)
 """
 
-from .batch import BatchedDecodeCache
+from .batch import BatchedCache, BatchedDecodeCache
 from .engine import Engine, Event, Overloaded, Request, RequestTooLarge, SamplingParams
 from .store import PrefixStore
 
 __all__ = [
     "BackgroundServer",
+    "BatchedCache",
     "BatchedDecodeCache",
     "Engine",
     "Event",

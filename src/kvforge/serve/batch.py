@@ -1,14 +1,15 @@
-"""One decode step for many requests, each with its own cache of its own length.
+"""One forward pass for many requests, each with its own cache of its own length.
 
-:class:`BatchedDecodeCache` is a transformers ``Cache`` *view* over the caches of ``B`` requests. The model
-feeds it one new token per request (``[B, H, 1, D]`` keys and values per layer); each layer hands row
-``r`` to request ``r``'s own cache layer (``layer.update``: a quantized layer quantizes, a sliding layer
-trims, exactly as when the request runs alone), then left-pads the keys/values those layers return and
-stacks them into ``[B, H, L, D]``. :meth:`BatchedDecodeCache.attention_mask` marks the padding, and the
-caller passes per-row ``position_ids``, so each row attends to its own tokens at its own positions.
+:class:`BatchedCache` is a transformers ``Cache`` *view* over the caches of ``B`` requests. Row ``r`` feeds
+``new[r]`` tokens (one when decoding, a prompt chunk when prefilling), left-padded to the longest row. Each
+layer hands row ``r``'s real keys/values to request ``r``'s own cache layer (``layer.update``: a quantized
+layer quantizes, a sliding layer trims, exactly as when the request runs alone), then left-pads what those
+layers return and stacks it into ``[B, H, L, D]``. :meth:`BatchedCache.attention_mask` marks padding,
+causality and sliding windows per row, and :meth:`BatchedCache.inputs` gives the padded ids and per-row
+positions, so each row attends to its own tokens at its own positions.
 
-Rows keep the keys their attention needs and no more: a full-attention row the ``p + 1`` tokens it has
-seen, a sliding row the last ``min(p + 1, window)``. A layer that returns more (kvforge's quantized
+A row keeps the keys its attention needs and no more: a full-attention row the ``p + q`` tokens it has
+seen, a sliding row the last ``min(p, window - 1) + q``. A layer that returns more (kvforge's quantized
 sliding layers keep whole key groups) is cut to that, so every layer of one attention type lines up with
 one mask.
 """
@@ -27,19 +28,22 @@ class _RowsLayer:
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, batch: BatchedDecodeCache, index: int):
+    def __init__(self, batch: BatchedCache, index: int):
         self.batch = batch
         self.index = index
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """``key_states``/``value_states`` ``[B, H, 1, D]`` -> keys/values ``[B, H, L, D]``, left-padded."""
+        """``key_states``/``value_states`` ``[B, H, Q, D]`` (left-padded) -> ``[B, H, L, D]``, left-padded."""
         b = self.batch
         need = b.need[b.kinds[self.index]]  # keys row r attends to, [B]
         length = max(need)
-        keys = key_states.new_zeros(key_states.shape[0], key_states.shape[1], length, key_states.shape[3])
-        values = value_states.new_zeros(value_states.shape[0], value_states.shape[1], length, value_states.shape[3])
+        q = key_states.shape[2]
+        shape = (key_states.shape[0], key_states.shape[1], length, key_states.shape[3])
+        keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
         for r, cache in enumerate(b.caches):
-            k, v = cache.layers[self.index].update(key_states[r : r + 1], value_states[r : r + 1], *args, **kwargs)
+            first = q - b.new[r]
+            k, v = cache.layers[self.index].update(key_states[r : r + 1, :, first:], value_states[r : r + 1, :, first:],
+                                                   *args, **kwargs)
             if not isinstance(k, torch.Tensor):  # a quantized layer's view of its codes (fused attention path)
                 k, v = k.dense()
             n = need[r]
@@ -52,37 +56,62 @@ class _RowsLayer:
         return keys, values
 
 
-class BatchedDecodeCache(Cache):
-    """A cache view for one decode step of ``len(caches)`` requests.
+class BatchedCache(Cache):
+    """A cache view for one forward pass of ``len(caches)`` requests.
 
     ``caches``: each request's own cache (any cache whose layers implement ``update``); ``seen``: tokens
-    each has already been fed (the position of its new token).
+    each has already been fed; ``new``: tokens each feeds now (default one: a decode step).
     """
 
-    def __init__(self, model, caches: list, seen: list[int]):
+    def __init__(self, model, caches: list, seen: list[int], new: list[int] | None = None):
         self.caches = caches
         self.seen = list(seen)
+        self.new = list(new) if new is not None else [1] * len(caches)
         self.kinds = layer_types(model)
-        window = getattr(text_config(model), "sliding_window", None)
+        self.window = getattr(text_config(model), "sliding_window", None)
+        w = self.window
         self.need = {
-            "full_attention": [p + 1 for p in self.seen],
-            "sliding_attention": [min(p + 1, window) if window else p + 1 for p in self.seen],
+            "full_attention": [p + q for p, q in zip(self.seen, self.new)],
+            "sliding_attention": [min(p, w - 1) + q if w else p + q for p, q in zip(self.seen, self.new)],
         }
         super().__init__(layers=[_RowsLayer(self, i) for i in range(len(self.kinds))])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.seen)
 
+    def inputs(self, token_ids: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``position_ids`` ``[B, Q]`` for each row's new tokens, left-padded."""
+        q = max(self.new)
+        ids = torch.zeros(len(token_ids), q, dtype=torch.long)
+        pos = torch.zeros(len(token_ids), q, dtype=torch.long)
+        for r, (toks, p, n) in enumerate(zip(token_ids, self.seen, self.new)):
+            ids[r, q - n :] = torch.tensor(toks[-n:])
+            pos[r, q - n :] = torch.arange(p, p + n)
+        return ids.to(device), pos.to(device)
+
     def attention_mask(self, dtype: torch.dtype, device=None):
-        """The attention mask for this step: ``[B, 1, 1, L]`` (0 where a row attends, the dtype's minimum
-        at padding), or a dict by attention type when the model mixes types."""
+        """The attention mask for this pass: ``[B, 1, Q, L]`` (0 where a row's query attends, the dtype's
+        minimum elsewhere), or a dict by attention type when the model mixes types."""
+        q = max(self.new)
+        seen = torch.tensor(self.seen)[:, None, None]
+        new = torch.tensor(self.new)[:, None, None]
+        q_abs = seen + new - q + torch.arange(q)[None, :, None]  # [B, Q, 1], absolute position of each query
+        q_real = torch.arange(q)[None, :, None] >= q - new
         masks = {}
         for kind in sorted(set(self.kinds)):
-            need = torch.tensor(self.need[kind], device=device)
+            need = torch.tensor(self.need[kind])[:, None, None]
             length = int(need.max())
-            pad = torch.arange(length, device=device)[None, :] < (length - need)[:, None]  # [B, L]
-            m = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill(pad, torch.finfo(dtype).min)
-            masks[kind] = m[:, None, None, :]
+            k_abs = seen + new - length + torch.arange(length)[None, None, :]  # [B, 1, L]
+            k_real = torch.arange(length)[None, None, :] >= length - need
+            allowed = k_real & (k_abs <= q_abs)
+            if kind == "sliding_attention" and self.window:
+                allowed &= q_abs - k_abs < self.window
+            allowed |= k_real & ~q_real  # padding queries look at something (no empty softmax rows)
+            m = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            masks[kind] = m[:, None].to(device)
         if len(masks) == 1:
             return next(iter(masks.values()))
         return masks
+
+
+BatchedDecodeCache = BatchedCache  # the name for its most frequent use: one new token per request

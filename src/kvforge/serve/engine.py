@@ -4,7 +4,8 @@ Each iteration of :meth:`Engine._loop` feeds one chunk of prompt tokens (shared,
 requests still reading their prompts), then runs one decode step for every request that is generating (continuous batching: a request joins
 the decode batch as soon as its prompt is read and leaves as soon as it finishes; nobody waits for anyone
 else to finish). Every request keeps its own cache, built from the server's cache spec; the decode step
-runs them together through :class:`~kvforge.serve.batch.BatchedDecodeCache`.
+runs them together through :class:`~kvforge.serve.batch.BatchedCache`, and so do prompt chunks read
+in the same iteration.
 
 Prompts are prefilled in chunks (``prefill_chunk`` tokens while others are decoding, so running streams
 keep flowing), starting after the longest prefix found in the prefix store; a block-aligned prefix of each
@@ -32,7 +33,7 @@ from ..generate import _eos_ids, sample_next
 from ..models import text_config
 from ..specs import cache_nbytes, parse_spec
 from ..state import KVState
-from .batch import BatchedDecodeCache
+from .batch import BatchedCache
 from .metrics import Metrics
 from .text import TextStream
 
@@ -124,6 +125,7 @@ class Engine:
     # ------------------------------------------------------------------------------ life cycle
     def start(self) -> Engine:
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._loop, name="kvforge-engine", daemon=True)
             self._thread.start()
         return self
@@ -227,15 +229,8 @@ class Engine:
                 self._drop_cancelled()
                 pending = list(self.prefilling)
             # prompts first, up to one chunk of tokens in all (shared in arrival order), then one decode step
-            budget = self.prefill_chunk if self.running else self.idle_chunk
-            for req in pending:
-                if budget <= 0:
-                    break
-                try:
-                    budget -= self._prefill_step(req, budget)
-                except Exception as e:  # noqa: BLE001 - a failing prompt fails its request, not the server
-                    traceback.print_exc()
-                    self._fail(req, f"{type(e).__name__}: {e}")
+            if pending:
+                self._prefill(pending, self.prefill_chunk if self.running else self.idle_chunk)
             try:
                 if self.running:
                     self._decode_step()
@@ -260,51 +255,102 @@ class Engine:
         r.cache = None  # the request's cache goes now, not when its owner lets go of the request
         r.kv_bytes = 0
 
-    @torch.inference_mode()
-    def _prefill_step(self, r: Request, chunk: int) -> int:
-        """Feed up to ``chunk`` more prompt tokens of ``r``; returns how many were fed."""
+    def _start(self, r: Request) -> None:
+        """Give ``r`` its cache, filled from the longest stored prefix of its prompt if there is one."""
         n = len(r.prompt_ids)
-        if r.cache is None:
+        r.cache = self.spec.build(self.model)
+        if self.store is None:
+            return
+        hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1)
+        self.metrics.inc("prefix_hits_total" if hit else "prefix_misses_total")
+        if hit is not None and self._store_call(hit.state.to_cache, self.model, r.cache) is not None:
+            r.seen = r.prefix_tokens = hit.tokens
+            self.metrics.inc("prefix_hit_tokens_total", hit.tokens)
+        elif hit is not None:  # it could not be imported: start over from an empty cache
             r.cache = self.spec.build(self.model)
-            if self.store is not None:
-                hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1)
-                self.metrics.inc("prefix_hits_total" if hit else "prefix_misses_total")
-                if hit is not None and self._store_call(hit.state.to_cache, self.model, r.cache) is not None:
-                    r.seen = r.prefix_tokens = hit.tokens
-                    self.metrics.inc("prefix_hit_tokens_total", hit.tokens)
-                elif hit is not None:  # it could not be imported: start over from an empty cache
-                    r.cache = self.spec.build(self.model)
-                at = (n - 1) // self.store.block * self.store.block
-                r.store_at = at if self.store.should_store(at, r.prefix_tokens) else None
-        start = r.seen
-        end = min(n, r.seen + chunk)
-        if r.store_at is not None and r.seen < r.store_at:
-            end = min(end, r.store_at)
-        ids = torch.tensor([r.prompt_ids[r.seen : end]], device=self.device)
-        pos = torch.arange(r.seen, end, device=self.device)[None]
-        out = self.model(input_ids=ids, **cache_kw(r.cache), use_cache=True, position_ids=pos, logits_to_keep=1)
+        at = (n - 1) // self.store.block * self.store.block
+        r.store_at = at if self.store.should_store(at, r.prefix_tokens) else None
+
+    @torch.inference_mode()
+    def _prefill(self, pending: list[Request], budget: int) -> None:
+        """Feed up to ``budget`` prompt tokens, in arrival order, to the requests reading their prompts.
+
+        Their chunks go through the model in one batched pass (:class:`BatchedCache`, left-padded), unless
+        padding would cost more than the real tokens; a request whose prompt is read gets its first token.
+        """
+        rows: list[tuple[Request, int]] = []
+        for r in pending:
+            if budget <= 0:
+                break
+            try:
+                if r.cache is None:
+                    self._start(r)
+            except Exception as e:  # noqa: BLE001 - a failing request, not a failing server
+                traceback.print_exc()
+                self._fail(r, f"{type(e).__name__}: {e}")
+                continue
+            end = min(len(r.prompt_ids), r.seen + budget)
+            if r.store_at is not None and r.seen < r.store_at:
+                end = min(end, r.store_at)  # stop at the prefix to store, to export it as it is
+            rows.append((r, end))
+            budget -= end - r.seen
+        if not rows:
+            return
+        sizes = [end - r.seen for r, end in rows]
+        try:
+            if len(rows) > 1 and max(sizes) * len(rows) <= 2 * sum(sizes):
+                view = BatchedCache(self.model, [r.cache for r, _ in rows], [r.seen for r, _ in rows], sizes)
+                ids, pos = view.inputs([r.prompt_ids[:end] for r, end in rows], self.device)
+                out = self.model(input_ids=ids, **cache_kw(view), use_cache=True, position_ids=pos,
+                                 attention_mask=view.attention_mask(self.dtype, self.device), logits_to_keep=1)
+                logits = [out.logits[i : i + 1, -1] for i in range(len(rows))]
+                passes = 1
+            else:
+                passes = len(rows)
+                logits = []
+                for r, end in rows:
+                    ids = torch.tensor([r.prompt_ids[r.seen : end]], device=self.device)
+                    pos = torch.arange(r.seen, end, device=self.device)[None]
+                    out = self.model(input_ids=ids, **cache_kw(r.cache), use_cache=True, position_ids=pos,
+                                     logits_to_keep=1)
+                    logits.append(out.logits[:, -1])
+        except Exception as e:  # noqa: BLE001 - the pass failed: its requests fail, the server goes on
+            traceback.print_exc()
+            for r, _ in rows:
+                self._fail(r, f"{type(e).__name__}: {e}")
+            return
+        self.metrics.inc("prefill_tokens_total", sum(sizes))
+        self.metrics.inc("prefill_passes_total", passes)
+        self.metrics.inc("prefill_rows_total", len(rows))
+        for (r, end), lg in zip(rows, logits):
+            try:
+                self._prefilled(r, end, lg)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                self._fail(r, f"{type(e).__name__}: {e}")
+
+    def _prefilled(self, r: Request, end: int, logits: torch.Tensor) -> None:
+        """``r`` has read its prompt up to ``end``: store the prefix there, or start generating at the end."""
         r.seen = end
-        self.metrics.inc("prefill_tokens_total", ids.shape[1])
         if end == r.store_at:
             self._store_call(self.store.put, KVState.from_cache(r.cache, self.model, torch.tensor([r.prompt_ids[:end]])))
         r.kv_bytes = cache_nbytes(r.cache)
-        if end < n:
-            return end - start
+        if end < len(r.prompt_ids):
+            return
         with self._lock:
             self.prefilling.remove(r)
             if r.cancelled:
                 self._release(r)
                 r.done = True
                 self.metrics.inc("requests_total", status="cancelled")
-                return end - start
+                return
             self.running.append(r)
         r.stream = TextStream(self.tokenizer, r.params.stop)
         if r.params.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed)
         r.first_token_at = time.perf_counter()
         self.metrics.observe("time_to_first_token_seconds", r.first_token_at - r.submitted)
-        self._accept(r, self._sample(r, out.logits[:, -1]))
-        return end - start
+        self._accept(r, self._sample(r, logits))
 
     def _store_call(self, fn, *args, **kwargs):
         """A prefix-store call that cannot fail a request: a store that is down is a miss."""
@@ -325,7 +371,7 @@ class Engine:
         if len(rows) == 1:  # alone: the request's own cache, exactly as kvforge.generate runs it
             out = self.model(input_ids=ids, **cache_kw(rows[0].cache), use_cache=True, position_ids=pos, logits_to_keep=1)
         else:
-            view = BatchedDecodeCache(self.model, [r.cache for r in rows], [r.seen for r in rows])
+            view = BatchedCache(self.model, [r.cache for r in rows], [r.seen for r in rows])
             mask = view.attention_mask(self.dtype, self.device)
             out = self.model(input_ids=ids, **cache_kw(view), use_cache=True, position_ids=pos,
                              attention_mask=mask, logits_to_keep=1)

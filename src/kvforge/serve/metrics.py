@@ -9,6 +9,8 @@ _HELP = {
     "generated_tokens_total": ("counter", "Tokens generated."),
     "prompt_tokens_total": ("counter", "Prompt tokens of admitted requests."),
     "prefill_tokens_total": ("counter", "Prompt tokens run through the model (prefix-store hits skip theirs)."),
+    "prefill_passes_total": ("counter", "Prefill forward passes."),
+    "prefill_rows_total": ("counter", "Prompt chunks read by prefill passes (rows / passes = mean batch size)."),
     "decode_steps_total": ("counter", "Batched decode forward passes."),
     "decode_rows_total": ("counter", "Requests served by decode passes (rows / steps = mean batch size)."),
     "prefix_hits_total": ("counter", "Requests that started from a stored prefix."),
