@@ -1,11 +1,11 @@
 """The batching engine: one thread that runs the model for every request in flight.
 
 Each iteration of :meth:`Engine._loop` feeds one chunk of prompt tokens (shared, in arrival order, by the
-requests still reading their prompts), then runs one decode step for every request that is generating (continuous batching: a request joins
-the decode batch as soon as its prompt is read and leaves as soon as it finishes; nobody waits for anyone
-else to finish). Every request keeps its own cache, built from the server's cache spec; the decode step
-runs them together through :class:`~kvforge.serve.batch.BatchedCache`, and so do prompt chunks read
-in the same iteration.
+requests still reading their prompts), then runs one decode step for every request that is generating
+(continuous batching: a request joins the decode batch as soon as its prompt is read and leaves as soon
+as it finishes; nobody waits for anyone else to finish). Every request keeps its own cache, built from
+the server's cache spec; the decode step runs them together through
+:class:`~kvforge.serve.batch.BatchedCache`, and so do the prompt chunks read in one iteration.
 
 Prompts are prefilled in chunks (``prefill_chunk`` tokens while others are decoding, so running streams
 keep flowing), starting after the longest prefix found in the prefix store; a block-aligned prefix of each
