@@ -355,13 +355,16 @@ def test_http_bad_input_gets_openai_errors_and_server_keeps_serving(client):
     _error(client.post(url, json={**ok, "stream": "yes"}), 400, "'stream' must be boolean", "stream")
     _error(client.post(url, json={**ok, "n": 2}), 400, "'n' must be 1", "n")
     _error(client.post(url, json={**ok, "stop": [1]}), 400, "'stop'", "stop")
+    _error(client.post(url, json={**ok, "logprobs": 2}), 400, "'logprobs' is not supported", "logprobs")
     chat = "/v1/chat/completions"
     _error(client.post(chat, json={"model": "tiny-llama", "messages": "hi"}), 400, "'messages' must be array")
     _error(client.post(chat, json={"model": "tiny-llama", "messages": [{"content": "hi"}]}), 400, "role")
+    _error(client.post(chat, json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                                   "tools": [{"type": "function"}]}), 400, "'tools' is not supported", "tools")
     _error(client.get("/v1/nothing"), 404, "not found")
     r = client.post(url, json=ok)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
-    assert client.engine.metrics.get("requests_total", status="invalid") == 16
+    assert client.engine.metrics.get("requests_total", status="invalid") == 18
 
 
 def test_http_completions_chat_models_health_metrics(client):

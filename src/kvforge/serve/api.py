@@ -107,6 +107,13 @@ def _sampling(body: dict, prompt_tokens: int, context: int, default_max: int, na
             raise APIError(400, f"'{name}' is not supported (must be 0)", param=name, code="unsupported_value")
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         raise APIError(400, "'logprobs' is not supported by this server", param="logprobs", code="unsupported_value")
+    for name in ("tools", "functions", "logit_bias"):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_value")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise APIError(400, "'response_format' other than {'type': 'text'} is not supported by this server",
+                       param="response_format", code="unsupported_value")
     if body.get("echo") or body.get("suffix"):
         name = "echo" if body.get("echo") else "suffix"
         raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_value")
