@@ -449,6 +449,11 @@ def test_client_disconnect_mid_stream_frees_slot_and_cache(tiny_llama):
             assert engine.kv_bytes_held == 0
             assert engine.metrics.get("requests_total", status="cancelled") == 1
             assert engine.metrics.get("generated_tokens_total") < 400
+            # a non-streaming client that gives up is noticed within the server's 0.5 s poll
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+            wait_until(lambda: not engine.running and not engine.prefilling, timeout=3, what="the slot to be freed")
+            assert engine.metrics.get("requests_total", status="cancelled") == 2
             r = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
             assert r.status_code == 200  # and it keeps serving
     finally:

@@ -271,14 +271,19 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
 
     async def _collect(request: Request, req: EngineRequest, queue, rid: str, created: int, chat: bool) -> Response:
         pieces = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     e = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except TimeoutError:
+                    e = None
+                if time.monotonic() - checked >= 0.5:  # has the client gone? (events may never pause)
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         engine.cancel(req)
                         return Response(status_code=499)
+                if e is None:
                     continue
                 if e.error:
                     raise APIError(500, f"generation failed: {e.error}", type_="server_error")
