@@ -78,6 +78,33 @@ def test_lower_rank_costs_quality_monotonically(tiny):
     assert errs[0] < errs[1] < errs[2]
 
 
+def test_output_aware_factors_minimise_the_weighted_error_with_orthonormal_up(tiny):
+    """With output-aware weights the rank-r factors are the best rank-r fit in the weighted, whitened norm
+    (Eckart-Young: no smaller than plain whitening's error in that norm), and the QR re-basing keeps
+    the up-projection orthonormal and the product ``up @ down`` unchanged."""
+    from kvforge.mla.convert import _left_weights, attention_modules
+
+    model, tok = tiny
+    with one_thread():
+        stats = calibrate(model, tok, CAL)
+    a0 = attention_modules(model)[0]
+    w = torch.cat([a0.k_proj.weight, a0.v_proj.weight]).double()
+    left = _left_weights(a0, stats, 0, "joint", None, 1.5)["kv"]
+    chol = torch.linalg.cholesky(stats["cov"][0] + 1e-6 * torch.eye(w.shape[1], dtype=torch.float64))
+    rank = w.shape[0] // 2
+
+    def weighted_err(m):
+        new = attention_modules(m)[0]
+        approx = new.up.double() @ new.down.weight.double()
+        return (left @ (approx - w) @ chol).norm().item(), new
+
+    aware, new = weighted_err(_converted(tiny, rank=rank, method="joint", output_aware=True)[0])
+    plain, _ = weighted_err(_converted(tiny, rank=rank, method="joint", output_aware=False)[0])
+    assert aware < plain * 0.99  # strictly better in its own norm: the weights were used
+    up = new.up.double()
+    assert torch.allclose(up.T @ up, torch.eye(rank, dtype=torch.float64), atol=1e-5)
+
+
 def test_allocation_spends_the_budget_and_favours_concentrated_spectra():
     flat, steep = torch.ones(16), torch.tensor([10.0] * 2 + [0.1] * 14)
     ranks = allocate([flat, steep], 12, floor=1)
