@@ -7,7 +7,9 @@ tokens prefilled, 512 scored in chunks of 32), calibration on the calibration sp
 values. Ratio 1 checks exactness: the same perplexity and the same greedy tokens as the original.
 Speed: ms per decode step after 1k, 4k and 8k tokens of context, attention on the latents (absorbed
 up-projections) vs rebuilding past keys and values every step, same model and cache; extra memory is the
-rise of the process's peak resident memory over the decode steps (``/proc/self/clear_refs``).
+rise of the process's peak resident memory over the decode steps (``/proc/self/clear_refs``), with glibc
+told to map and unmap every allocation of 64 KiB or more (``mallopt(M_MMAP_THRESHOLD)``) so that the
+steps' temporary tensors show up in it.
 
     python benchmarks/mla.py                                     # smollm2-135m
     python benchmarks/mla.py --finetuned DIR --label "finetuned 4x"   # add a fine-tuned directory's row
@@ -40,6 +42,27 @@ CONFIGS = [("joint", 1.0, None), ("separate", 2.0, None), ("joint", 2.0, None), 
            ("decoupled_rope", 2.0, 16), ("joint", 4.0, None), ("decoupled_rope", 4.0, None),
            ("decoupled_rope", 4.0, 8), ("joint", 8.0, None)]
 PROMPT = "The history of the Python programming language begins"
+# MLA and quantization together: a joint conversion (latent widths multiples of 8, so that any bit width
+# packs) with quantized latents, against kvforge's 2-bit caches on the original model. Latents are
+# quantized per channel (KIVI's key layout) without rotation: SVD latents have no outlier channels to
+# spread, and one rotation matrix per latent width would be bytes the cache holds.
+COMBO_RATIO = 2.0
+COMBO_CACHES = ["kvforge-quant:preset=safe,rotate=none,fused=off",
+                "kvforge-quant:key_bits=3,value_bits=3,key_group=32,rotate=none,fused=off"]
+QUANT_BASELINES = ["kvforge-quant:preset=2bit", "kvforge-quant:preset=2bit-tight"]
+
+
+def _big_allocations_are_mapped() -> bool:
+    """Make glibc serve allocations of 64 KiB and more with mmap and return them on free, so that the
+    process's peak resident memory over a few decode steps measures what those steps allocate (otherwise
+    freed blocks stay in malloc's arenas and the peak never moves)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
 
 
 def _rss(field: str) -> int:
@@ -55,11 +78,12 @@ def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: in
     from transformers import DynamicCache
 
     rows = []
+    mapped = _big_allocations_are_mapped()
     for n in lengths:
         cache = DynamicCache(config=model.config)
         for s in range(0, n, 512):  # chunked prefill bounds the attention scores' memory
             model(input_ids=ids[:, s:min(n, s + 512)], **cache_kw(cache), use_cache=True, logits_to_keep=1)
-        row = {"context": n}
+        row = {"context": n, "peak_measured": mapped}
         for absorb in (True, False):
             for layer in model.model.layers:
                 layer.self_attn.absorb = absorb
@@ -84,6 +108,26 @@ def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: in
     return rows
 
 
+def composed(base, tok, windows, cal, name: str) -> list[dict]:
+    """Quantized latents (a joint conversion under each of ``COMBO_CACHES``) and the 2-bit caches of the
+    original model, on the same windows; bytes measured from the caches."""
+    from kvforge.mla import kv_bytes_per_token
+
+    fp16 = kv_bytes_per_token(base)
+    m = copy.deepcopy(base)
+    convert(m, tok, ratio=COMBO_RATIO, method="joint", calibration=cal, name=name, rank_multiple=8)
+    out = []
+    for model, label, specs in ((m, f"joint {COMBO_RATIO:g}x", ["dynamic"] + COMBO_CACHES),
+                                (base, "original", QUANT_BASELINES)):
+        for spec in specs:
+            r = perplexity(model, tok, cache=spec, windows=windows, show_progress=False)
+            held = kv_bytes_per_token(model) if spec == "dynamic" else r.bytes_per_token  # fp16 numbers
+            out.append({"model": label, "cache": spec if spec != "dynamic" else "fp16 latents", "ppl": r.ppl,
+                        "bytes_per_token": held, "x_fp16": fp16 / held})
+            print(f"{label} + {spec}: {fp16 / held:.2f}x fp16, PPL {r.ppl:.4f}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -92,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", help="method:ratio[:pairs],... (default: a grid over methods and 1/2/4/8x)")
     ap.add_argument("--finetuned", type=Path, action="append", default=[], help="converted directories to add")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-combos", action="store_true", help="skip MLA + quantization")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -138,6 +183,7 @@ def main(argv=None) -> int:
         rows.append({"label": f"finetuned {d.name}", "ratio": compression(m), "ppl": r.ppl,
                      "same_greedy": None, "finetune": m.kvforge_mla.finetune})
         print(f"{d}: {compression(m):.2f}x, PPL {r.ppl:.4f}", flush=True)
+    combos = [] if args.no_combos else composed(base, tok, windows, cal, args.model)
     speed = []
     if not args.no_speed and speed_model is not None:
         ids = token_windows(tok, load_text("pydoc", "eval"), 1, 8192 + 16)[0]
@@ -152,6 +198,14 @@ def main(argv=None) -> int:
         same = "" if r["same_greedy"] is None else ("yes" if r["same_greedy"] else "no")
         lines.append(f"| {r['label']} | 1/{r['ratio']:.2f} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref.ppl - 1):+.1f}% "
                      f"| {same} | {e} |")
+    if combos:
+        lines += ["", f"MLA and quantization together (joint {COMBO_RATIO:g}x, latent widths multiples of 8) against "
+                  "kvforge's 2-bit caches on the original model; bytes are those the cache holds after 1,024 tokens "
+                  "(`cache_nbytes`), against the original's fp16 keys and values:", "",
+                  "| model | cache | B/token held | x fp16 | PPL | vs original |", "|---|---|---|---|---|---|"]
+        for c in combos:
+            lines.append(f"| {c['model']} | {c['cache']} | {c['bytes_per_token']:,.0f} | {c['x_fp16']:.2f}x | "
+                         f"{c['ppl']:.3f} | {100 * (c['ppl'] / ref.ppl - 1):+.1f}% |")
     if speed:
         lines += ["", "Decode on the latents (decoupled_rope 4x, same model and cache) vs rebuilding past keys and "
                   "values every step:", "",
@@ -167,7 +221,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"mla-{args.model}"
     (args.out / f"{stem}.md").write_text(text + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "speed": speed, "torch_threads":
+    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "combos": combos, "speed": speed, "torch_threads":
                                                        torch.get_num_threads(), "created": datetime.now(UTC).isoformat(
                                                            timespec="seconds")}, indent=1, default=str))
     return 0

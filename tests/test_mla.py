@@ -194,3 +194,58 @@ def test_finetune_lowers_kl_keeps_up_projections_orthonormal_and_resumes(tiny, t
     for (n, a), b in zip(m.state_dict().items(), again.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), n
     assert m.kvforge_mla.finetune["steps_done"] == 6
+
+
+QSPEC = "kvforge-quant:key_bits=4,value_bits=4,key_group=8,value_group=8,residual=8,rotate=none,fused=off"
+
+
+@pytest.mark.parametrize("method", ["joint", "separate"])
+def test_quantized_latents_compose_with_kv_state(tiny, method, tmp_path):
+    """kvforge.quant holds the latents (keys and values of different widths, or no values at all): close to
+    the fp latents, fewer bytes, and its codes survive KVState save/load (continuing equals not stopping)."""
+    from kvforge import build_cache, cache_nbytes
+
+    m, tok, _ = _converted(tiny, ratio=2.0, method=method, rank_multiple=8)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad(), one_thread():
+        ref, dense = _chunked_logits(m, ids)
+        q = build_cache(QSPEC, m)
+        got = torch.cat([m(input_ids=ids[:, s:s + 5], **cache_kw(q), use_cache=True).logits
+                         for s in range(0, ids.shape[1], 5)], 1)
+        assert (got.softmax(-1) - ref.softmax(-1)).abs().max() < 0.05
+        assert cache_nbytes(q) < cache_nbytes(dense) / 3
+        state = KVState.from_cache(q, m, ids)
+        assert state.layers[0].kind == "kvforge-quant"
+        state.save(tmp_path / "q.kv")
+        more = tok("?!", add_special_tokens=False, return_tensors="pt").input_ids
+        resumed = KVState.load(tmp_path / "q.kv").to_cache(m, cache=build_cache(QSPEC, m))
+        a = m(input_ids=more, **cache_kw(resumed), use_cache=True).logits
+        b = m(input_ids=more, **cache_kw(q), use_cache=True).logits
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="latents"):
+        build_cache(QSPEC.replace("fused=off", "fused=on"), m)
+
+
+def test_bench_places_converted_models_beside_caches(tiny, tmp_path):
+    """``kvforge bench --variants DIR``: a converted model runs with every cache on the same windows, rows
+    labelled by directory; a directory converted from another model is refused by name."""
+    from kvforge.eval import BenchSettings, run_bench
+
+    model, tok = tiny
+    m, _, _ = _converted(tiny, ratio=2.0, method="joint", rank_multiple=8)
+    save_converted(m, None, tmp_path / "conv2x")
+    settings = BenchSettings(model="tiny", caches=[QSPEC], metrics=["ppl"], windows=1, context=24, score=16,
+                             chunk=8, variants=[str(tmp_path / "conv2x")])
+    with one_thread():
+        out = run_bench(settings, tmp_path / "res", model=model, tokenizer=tok)
+    import json
+
+    rows = {r["cache"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert {"dynamic", "conv2x + dynamic", f"conv2x + {QSPEC}"} <= set(rows)
+    assert rows["conv2x + dynamic"]["ppl"]["bytes_per_token"] == pytest.approx(
+        rows["dynamic"]["ppl"]["bytes_per_token"] / 2, rel=0.01)
+    assert rows[f"conv2x + {QSPEC}"]["ppl"]["bytes_per_token"] < rows["conv2x + dynamic"]["ppl"]["bytes_per_token"]
+    other = copy.deepcopy(model)
+    other.model.embed_tokens.weight.data.add_(1.0)
+    with pytest.raises(ValueError, match="converted from another model"):
+        run_bench(settings, tmp_path / "res", model=other, tokenizer=tok)

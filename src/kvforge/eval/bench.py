@@ -43,6 +43,9 @@ class BenchSettings:
     needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     needle_trials: int = 1
     single_pass: bool = False  # also report the single-pass perplexity per cache
+    # converted models of the same base (kvforge.mla directories) run with every cache too, on the same
+    # windows, so that MLA, quantization and both share one table and one quality-versus-bytes plot
+    variants: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
@@ -70,6 +73,22 @@ def new_results_dir(root: str | Path, name: str) -> Path:
     return path
 
 
+def _variant(path: str, base):
+    """A converted model directory, checked to come from ``base`` (same windows, same baseline)."""
+    from ..mla.io import load_converted
+    from ..models import fingerprint
+
+    if not (Path(path) / "kvforge_mla.json").exists():
+        raise ValueError(f"{path}: not a converted model directory (no kvforge_mla.json); --variants takes "
+                         "the output of `kvforge mla convert`/`finetune`")
+    model = load_converted(path, dtype=next(base.parameters()).dtype)
+    mla = model.kvforge_mla
+    if mla.base_fingerprint != fingerprint(base):
+        raise ValueError(f"{path}: converted from another model (base fingerprint {mla.base_fingerprint[:12]}, "
+                         f"this model's {fingerprint(base)[:12]})")
+    return model
+
+
 def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=None, tokenizer=None) -> Path:
     """Run the matrix and write the results folder; returns its path."""
     from ..models import load_model
@@ -84,15 +103,16 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
     windows = token_windows(tokenizer, text, settings.windows, settings.context + settings.score)
     prompts = default_prompts(tokenizer, settings.agree_prompts, settings.agree_prompt_tokens, text)
     caches = list(dict.fromkeys(["dynamic", *settings.caches]))  # the baseline always runs, first
+    models = [("", model)] + [(Path(v).name, _variant(v, model)) for v in settings.variants]
     rows: list[dict] = []
     baseline = None
-    for spec_text in caches:
+    for (label, model), spec_text in ((m, c) for m in models for c in caches):
         spec = parse_spec(spec_text)
         ok, why = spec.available()
         if not ok:
             rows.append({"cache": str(spec), "skipped": why})
             continue
-        row: dict = {"cache": str(spec)}
+        row: dict = {"cache": f"{label} + {spec}" if label else str(spec)}
         t0 = time.perf_counter()
         try:
             if "ppl" in settings.metrics:

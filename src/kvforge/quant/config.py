@@ -52,11 +52,14 @@ class QuantConfig:
         if self.residual_dtype not in ("float16", "bfloat16", "model"):
             raise ValueError(f"residual_dtype={self.residual_dtype!r}; choose float16, bfloat16 or model")
 
-    def check_head_dim(self, head_dim: int) -> None:
-        if head_dim % self.value_group:
-            raise ValueError(f"value_group ({self.value_group}) must divide head_dim ({head_dim})")
-        check_packable(head_dim, self.key_bits, "head_dim")
-        check_packable(head_dim, self.value_bits, "head_dim")
+    def check_head_dim(self, head_dim: int, value_dim: int | None = None) -> None:
+        """Raise ``ValueError`` unless keys of ``head_dim`` and values of ``value_dim`` (default: the same)
+        numbers per head can be packed and grouped with these settings."""
+        value_dim = head_dim if value_dim is None else value_dim
+        if value_dim % self.value_group:
+            raise ValueError(f"value_group ({self.value_group}) must divide the value width ({value_dim})")
+        check_packable(head_dim, self.key_bits, "key width (head_dim)")
+        check_packable(value_dim, self.value_bits, "value width")
 
     def bytes_per_token(self, kv_heads: int, head_dim: int) -> float:
         """Steady-state bytes per token per layer (codes plus float16 scales and zero points), residual excluded."""

@@ -75,32 +75,40 @@ class QuantizedLayer(DynamicLayer):
         self.is_initialized = False
 
     def lazy_initialization(self, key_states, value_states) -> None:
+        """Keys and values may differ in width (latent caches: kvforge.mla); a value side of width 0 is
+        carried along empty."""
         b, h, _, d = key_states.shape
-        self.config.check_head_dim(d)
-        self.device, self.dtype, self.head_dim = key_states.device, key_states.dtype, d
+        dv = value_states.shape[-1]
+        if 0 < dv < self.config.value_group:  # a value group wider than the values is all of them
+            self.config = self.config.replace(value_group=dv)
+        self.config.check_head_dim(d, dv)
+        self.device, self.dtype, self.head_dim, self.value_dim = key_states.device, key_states.dtype, d, dv
         cfg = self.config
         self.store_dtype = key_states.dtype if cfg.residual_dtype == "model" else getattr(torch, cfg.residual_dtype)
         self.rot = _rotation(d, self.device) if cfg.rotate != "none" else None
+        self.v_rot = _rotation(dv, self.device) if self.rotates_values and dv else None
         kp = packed_size(d, cfg.key_bits)
-        vp = packed_size(d, cfg.value_bits)
+        vp = packed_size(dv, cfg.value_bits)
         e = dict(device=self.device)
         self.k_codes = torch.empty(b, h, 0, kp, dtype=torch.uint8, **e)
         self.v_codes = torch.empty(b, h, 0, vp, dtype=torch.uint8, **e)
         self.k_scale = torch.empty(b, h, 0, d, dtype=torch.float16, **e)
         self.k_zero = torch.empty_like(self.k_scale)
-        self.v_scale = torch.empty(b, h, 0, d // cfg.value_group, dtype=torch.float16, **e)
+        self.v_scale = torch.empty(b, h, 0, dv // cfg.value_group, dtype=torch.float16, **e)
         self.v_zero = torch.empty_like(self.v_scale)
         self.res_k = torch.empty(b, h, 0, d, dtype=self.store_dtype, **e)
-        self.res_v = torch.empty_like(self.res_k)
+        self.res_v = torch.empty(b, h, 0, dv, dtype=self.store_dtype, **e)
         self.is_initialized = True
 
     @property
     def rotates_values(self) -> bool:
         return self.config.rotate == "both"
 
-    def _rot(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        r = self.rot.T if inverse else self.rot
-        return (x.float() @ r).to(x.dtype)
+    def _rot(self, x: torch.Tensor, inverse: bool = False, values: bool = False) -> torch.Tensor:
+        r = self.v_rot if values else self.rot
+        if r is None:  # an empty value side
+            return x
+        return (x.float() @ (r.T if inverse else r)).to(x.dtype)
 
     @property
     def quantized_tokens(self) -> int:
@@ -117,7 +125,7 @@ class QuantizedLayer(DynamicLayer):
         if self.rot is not None:
             key_states = self._rot(key_states)
             if self.rotates_values:
-                value_states = self._rot(value_states)
+                value_states = self._rot(value_states, values=True)
         past = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
         recent_k = torch.cat([self.res_k.to(key_states.dtype), key_states], dim=2)
         recent_v = torch.cat([self.res_v.to(value_states.dtype), value_states], dim=2)
@@ -177,13 +185,13 @@ class QuantizedLayer(DynamicLayer):
 
     def _dense(self, kc, ks, kz, vc, vs, vz, rk, rv) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized keys/values in the model's space (rotations undone), compute dtype of ``rk``."""
-        cfg, d = self.config, self.head_dim
+        cfg, d, dv = self.config, self.head_dim, self.value_dim
         k = torch.cat([dequantize_keys(kc, ks, kz, cfg.key_bits, cfg.key_group, d, rk.dtype), rk], 2)
-        v = torch.cat([dequantize_values(vc, vs, vz, cfg.value_bits, cfg.value_group, d, rv.dtype), rv], 2)
+        v = torch.cat([dequantize_values(vc, vs, vz, cfg.value_bits, cfg.value_group, dv, rv.dtype), rv], 2)
         if self.rot is not None:
             k = self._rot(k, inverse=True)
             if self.rotates_values:
-                v = self._rot(v, inverse=True)
+                v = self._rot(v, inverse=True, values=True)
         return k, v
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +238,7 @@ class QuantizedLayer(DynamicLayer):
         if self.rot is not None:  # back to the stored (rotated) space
             k = self._rot(k)
             if self.rotates_values:
-                v = self._rot(v)
+                v = self._rot(v, values=True)
         t = full * g
         self.k_codes, self.v_codes = self.k_codes[:, :, :t], self.v_codes[:, :, :t]
         self.k_scale, self.k_zero = self.k_scale[:, :, :full], self.k_zero[:, :, :full]
@@ -278,7 +286,8 @@ class QuantizedLayer(DynamicLayer):
         if not self.is_initialized:
             raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
         tensors = {n: getattr(self, n).detach().clone() for n in (*_STORE, "res_k", "res_v")}
-        meta = {"config": self.config.to_dict(), "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch.")}
+        meta = {"config": self.config.to_dict(), "head_dim": self.head_dim, "value_dim": self.value_dim,
+                "dtype": str(self.dtype).removeprefix("torch.")}
         return LayerState(KIND, tensors, self.stored_tokens, meta)
 
     def load_state(self, state: LayerState, total_tokens: int) -> None:
@@ -286,11 +295,13 @@ class QuantizedLayer(DynamicLayer):
         (quantized now with this layer's settings)."""
         if self.stored_tokens:
             raise KVStateError("the cache to import into must be empty")
-        if state.kind == KIND and QuantConfig(**state.meta["config"]) == self.config:
+        dv = state.tensors["res_v"].shape[-1] if state.kind == KIND else 0
+        own = self.config.replace(value_group=dv) if 0 < dv < self.config.value_group else self.config
+        if state.kind == KIND and QuantConfig(**state.meta["config"]) == own:
             t = state.tensors
             b, h, _, d = t["res_k"].shape
-            like = torch.empty(b, h, 0, d, dtype=getattr(torch, state.meta["dtype"]), device=t["res_k"].device)
-            self.lazy_initialization(like, like)
+            e = dict(dtype=getattr(torch, state.meta["dtype"]), device=t["res_k"].device)
+            self.lazy_initialization(torch.empty(b, h, 0, d, **e), torch.empty(b, h, 0, t["res_v"].shape[-1], **e))
             for n in (*_STORE, "res_k", "res_v"):
                 setattr(self, n, t[n].to(self.device))
             self.total = total_tokens
@@ -387,12 +398,20 @@ class QuantizedKVCache(Cache):
             protected.add(i % n)
         protected |= set(range(min(protect_first, n))) | set(range(max(n - protect_last, 0), n))
         configs = [None if i in protected else c for i, c in enumerate(configs)]
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        # a value group wider than the head is the whole head
-        configs = [c.replace(value_group=head_dim) if c is not None and c.value_group > head_dim else c for c in configs]
-        for c in configs:
-            if c is not None:
-                c.check_head_dim(head_dim)
+        latent = getattr(model, "kvforge_mla", None) is not None
+        if latent:  # kvforge.mla: the cache holds latents, whose widths each layer checks on its first update
+            if fused:
+                raise ValueError("fused attention on the codes works on keys and values, not on MLA latents; "
+                                 "use fused=off with a converted (latent) model")
+            fused = False
+        else:
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            # a value group wider than the head is the whole head
+            configs = [c.replace(value_group=head_dim) if c is not None and c.value_group > head_dim else c
+                       for c in configs]
+            for c in configs:
+                if c is not None:
+                    c.check_head_dim(head_dim)
         if fused is None:
             from .attention import install
 
