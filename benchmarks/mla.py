@@ -7,9 +7,9 @@ tokens prefilled, 512 scored in chunks of 32), calibration on the calibration sp
 values. Ratio 1 checks exactness: the same perplexity and the same greedy tokens as the original.
 Speed: ms per decode step after 1k, 4k and 8k tokens of context, attention on the latents (absorbed
 up-projections) vs rebuilding past keys and values every step, same model and cache; extra memory is the
-rise of the process's peak resident memory over the decode steps (``/proc/self/clear_refs``), with glibc
-told to map and unmap every allocation of 64 KiB or more (``mallopt(M_MMAP_THRESHOLD)``) so that the
-steps' temporary tensors show up in it.
+most memory one decode step holds at once beyond the cache and model, summed allocation by allocation
+from torch's profiler (``profile_memory``; the process's resident peak cannot see it: malloc reuses the
+prefill's freed blocks).
 
     python benchmarks/mla.py                                     # smollm2-135m
     python benchmarks/mla.py --finetuned DIR --label "finetuned 4x"   # add a fine-tuned directory's row
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import time
@@ -52,59 +51,71 @@ COMBO_CACHES = ["kvforge-quant:preset=safe,rotate=none,fused=off",
 QUANT_BASELINES = ["kvforge-quant:preset=2bit", "kvforge-quant:preset=2bit-tight"]
 
 
-def _big_allocations_are_mapped() -> bool:
-    """Make glibc serve allocations of 64 KiB and more with mmap and return them on free, so that the
-    process's peak resident memory over a few decode steps measures what those steps allocate (otherwise
-    freed blocks stay in malloc's arenas and the peak never moves)."""
-    import ctypes
+def extra_peak_bytes(fn) -> int:
+    """The working memory of ``fn()``: the most it holds at once beyond what existed before and what it
+    leaves behind (the cache's growth), from every CPU allocation and free in the profiler's memory
+    timeline (per allocation, unlike the process's resident peak, which malloc's reuse of freed blocks
+    hides)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD
-    except OSError:
-        return False
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _t, action, _key, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak - max(live, 0)  # what is still held afterwards is the cache's own growth, not working memory
 
 
-def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _mib(n: int | None) -> str:
+    return "not measured" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 @torch.inference_mode()
 def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: int = 8) -> list[dict]:
-    """Per context length: ms per decode step and extra peak memory, absorbed vs decompressing."""
+    """Per context length: ms per decode step, absorbed vs decompressing; then the extra peak memory of
+    one step of each (:func:`extra_peak_bytes`)."""
     from transformers import DynamicCache
 
-    rows = []
-    mapped = _big_allocations_are_mapped()
+    def steps_from(cache, n: int, count: int) -> None:
+        tok = ids[:, n:n + 1]
+        for i in range(count):
+            model(input_ids=tok, **cache_kw(cache), use_cache=True, logits_to_keep=1,
+                  position_ids=torch.tensor([[n + i]]))
+        for layer in cache.layers:  # drop the decode steps' tokens again
+            layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+
+    def set_absorb(on: bool) -> None:
+        for layer in model.model.layers:
+            layer.self_attn.absorb = on
+
+    rows, caches = [], {}
     for n in lengths:
-        cache = DynamicCache(config=model.config)
+        cache = caches[n] = DynamicCache(config=model.config)
         for s in range(0, n, 512):  # chunked prefill bounds the attention scores' memory
             model(input_ids=ids[:, s:min(n, s + 512)], **cache_kw(cache), use_cache=True, logits_to_keep=1)
-        row = {"context": n, "peak_measured": mapped}
+        row = {"context": n}
         for absorb in (True, False):
-            for layer in model.model.layers:
-                layer.self_attn.absorb = absorb
-            gc.collect()
-            base = _rss("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak
-            tok = ids[:, n:n + 1]
+            set_absorb(absorb)
             t = time.perf_counter()
-            for i in range(steps):
-                model(input_ids=tok, **cache_kw(cache), use_cache=True, logits_to_keep=1,
-                      position_ids=torch.tensor([[n + i]]))
-            row["absorbed" if absorb else "decompressed"] = {
-                "ms_per_token": 1000 * (time.perf_counter() - t) / steps,
-                "extra_peak_bytes": max(0, _rss("VmHWM") - base)}
-            for layer in cache.layers:  # drop the decode steps' tokens again
-                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-        for layer in model.model.layers:
-            layer.self_attn.absorb = True
+            steps_from(cache, n, steps)
+            row["absorbed" if absorb else "decompressed"] = {"ms_per_token": 1000 * (time.perf_counter() - t) / steps}
         rows.append(row)
         print(f"context {n}: absorbed {row['absorbed']['ms_per_token']:.1f} ms/token, decompressed "
               f"{row['decompressed']['ms_per_token']:.1f} ms/token", flush=True)
+    for row in rows:  # memory after the timings: the profiler slows the steps it watches
+        n = row["context"]
+        for absorb in (True, False):
+            set_absorb(absorb)
+            row["absorbed" if absorb else "decompressed"]["extra_peak_bytes"] = extra_peak_bytes(
+                lambda n=n: steps_from(caches[n], n, 1))
+        print(f"context {n}: extra peak memory absorbed {row['absorbed']['extra_peak_bytes']}, decompressed "
+              f"{row['decompressed']['extra_peak_bytes']} bytes", flush=True)
+    set_absorb(True)
     return rows
 
 
@@ -214,8 +225,8 @@ def main(argv=None) -> int:
         for s in speed:
             a, d = s["absorbed"], s["decompressed"]
             lines.append(f"| {s['context']} | {a['ms_per_token']:.1f} | {d['ms_per_token']:.1f} | "
-                         f"{d['ms_per_token'] / a['ms_per_token']:.2f}x | {a['extra_peak_bytes'] / 2**20:.1f} MiB | "
-                         f"{d['extra_peak_bytes'] / 2**20:.1f} MiB |")
+                         f"{d['ms_per_token'] / a['ms_per_token']:.2f}x | {_mib(a['extra_peak_bytes'])} | "
+                         f"{_mib(d['extra_peak_bytes'])} |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
