@@ -12,7 +12,8 @@ from torch's profiler (``profile_memory``; the process's resident peak cannot se
 prefill's freed blocks).
 
     python benchmarks/mla.py                                     # smollm2-135m
-    python benchmarks/mla.py --finetuned DIR --label "finetuned 4x"   # add a fine-tuned directory's row
+    python benchmarks/mla.py --finetuned DIR                     # add a fine-tuned directory's row
+    python benchmarks/mla.py --configs decoupled_rope:4 --no-combos --name mla-speed-smollm2-135m  # speed only
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-combos", action="store_true", help="skip MLA + quantization")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", help="results file stem (default mla-MODEL)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base, tok = load_model(args.model)
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"mla-{args.model}"
+    stem = args.name or f"mla-{args.model}"
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "combos": combos, "speed": speed, "torch_threads":
                                                        torch.get_num_threads(), "created": datetime.now(UTC).isoformat(

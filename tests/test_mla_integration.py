@@ -57,3 +57,28 @@ def test_half_the_bytes_keeps_perplexity_close_and_round_trips_through_load_mode
     back, _ = load_model(str(tmp_path / "mla2"))
     ids = windows[0][:, :96]
     assert torch.equal(_chunked(back, ids), _chunked(m, ids))
+
+
+def test_cli_convert_then_bench_and_generate_with_the_directory(tmp_path, capsys):
+    """``kvforge mla convert`` writes a directory that ``--model`` and ``bench --variants`` accept; quantized
+    latents sit beside it in the same results; a directory that is not a conversion is refused by name."""
+    import json
+
+    from kvforge.cli import main
+
+    out = tmp_path / "smol-2x"
+    assert main(["mla", "convert", "--model", "smollm2-135m", "--ratio", "2", "--calibration-pieces", "4",
+                 "--rank-multiple", "8", "-o", str(out)]) == 0
+    assert "2.00x smaller" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt", "def add(a, b):", "--max-new-tokens", "4"]) == 0
+    spec = "kvforge-quant:preset=safe,rotate=none,fused=off"
+    assert main(["bench", "--model", "smollm2-135m", "--variants", str(out), "--caches", spec, "--metrics", "ppl",
+                 "--windows", "1", "--context", "128", "--score", "64", "--out", str(tmp_path / "res")]) == 0
+    folder = next((tmp_path / "res").iterdir())
+    rows = {r["cache"]: r for r in json.loads((folder / "results.json").read_text())["results"]}
+    latent, quantized = rows["smol-2x + dynamic"]["ppl"], rows[f"smol-2x + {spec}"]["ppl"]
+    assert quantized["bytes_per_token"] < latent["bytes_per_token"] < rows["dynamic"]["ppl"]["bytes_per_token"]
+    assert quantized["ppl"] < rows["dynamic"]["ppl"]["ppl"] * 1.3
+    assert main(["bench", "--model", "smollm2-135m", "--variants", str(tmp_path), "--caches", "dynamic",
+                 "--metrics", "ppl", "--out", str(tmp_path / "res")]) == 2
+    assert "not a converted model directory" in capsys.readouterr().err

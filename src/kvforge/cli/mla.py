@@ -23,6 +23,10 @@ def add_commands(sub) -> None:
     p.add_argument("--calibration", type=Path, help="calibration text file (default: the pydoc calibration split)")
     p.add_argument("--calibration-pieces", type=int, default=32, help="pieces of ~512 tokens (default 32)")
     p.add_argument("--no-whiten", action="store_true", help="plain weight SVD (no activation statistics)")
+    p.add_argument("--output-aware", choices=["auto", "on", "off"], default="auto",
+                   help="weigh key/value errors by their effect on the attention output (auto: on up to 2.5x)")
+    p.add_argument("--rank-multiple", type=int, default=1,
+                   help="latent widths in multiples of this (8: quantize the latents with any kvforge-quant bits)")
     p.add_argument("-o", "--output", type=Path, required=True, help="directory for the converted model")
     p.set_defaults(func=cmd_convert)
 
@@ -65,7 +69,9 @@ def cmd_convert(args) -> int:
     model, tok = load_model(args.model)
     cfg = convert(model, tok, ratio=args.ratio, rank=args.rank, method=args.method,
                   calibration=None if args.no_whiten and args.method != "decoupled_rope" else _calibration(args),
-                  whiten=not args.no_whiten, rope_pairs=args.rope_pairs, name=args.model)
+                  whiten=not args.no_whiten, rope_pairs=args.rope_pairs, name=args.model,
+                  output_aware={"auto": None, "on": True, "off": False}[args.output_aware],
+                  rank_multiple=args.rank_multiple)
     save_converted(model, tok, args.output)
     energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]
     print(f"converted {args.model} ({cfg.method}): cache {compression(model):.2f}x smaller than the original; "

@@ -55,6 +55,10 @@ class BenchSettings:
             raise ValueError("no caches to benchmark")
         for c in self.caches:
             parse_spec(c)  # unknown specs fail before any model work
+        for v in self.variants:
+            if not (Path(v) / "kvforge_mla.json").is_file():
+                raise ValueError(f"{v}: not a converted model directory (no kvforge_mla.json); --variants takes "
+                                 "the output of `kvforge mla convert`/`finetune`")
 
     def folder_name(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
@@ -78,9 +82,6 @@ def _variant(path: str, base):
     from ..mla.io import load_converted
     from ..models import fingerprint
 
-    if not (Path(path) / "kvforge_mla.json").exists():
-        raise ValueError(f"{path}: not a converted model directory (no kvforge_mla.json); --variants takes "
-                         "the output of `kvforge mla convert`/`finetune`")
     model = load_converted(path, dtype=next(base.parameters()).dtype)
     mla = model.kvforge_mla
     if mla.base_fingerprint != fingerprint(base):

@@ -247,20 +247,26 @@ class LatentAttention(nn.Module):
         r = lat.shape[-1]
         w_k = up_k.view(h, d - kept, r).repeat_interleave(g, 0)  # [Hq, d - kept, r]
         w_v = up_v.view(h, d, r).repeat_interleave(g, 0)  # [Hq, d, r]
-        k_p = k_p.repeat_interleave(g, 1)
-        s = s.repeat_interleave(g, 1) if s is not None else None
         if self.absorb:
+            # the query heads of each KV head side by side ([B, H, g*Q, *]), so that the cached rotated dims
+            # and scales are read once per KV head instead of copied per query head
+            def grouped(x: torch.Tensor) -> torch.Tensor:
+                return x.reshape(b, h, g * q_len, x.shape[-1])
+
             q_lat = torch.einsum("bhqe,her->bhqr", q_n, w_k)  # the key up-projection absorbed into the query
-            scores = q_p @ k_p.transpose(-1, -2) + self._scaled(q_lat @ lat[:, None].transpose(-1, -2), s)
+            scores = grouped(q_p) @ k_p.transpose(-1, -2) + self._scaled(
+                grouped(q_lat) @ lat[:, None].transpose(-1, -2), s)
             if self.k_bias is not None:
                 qb = (q_n * self.k_bias.view(h, -1).repeat_interleave(g, 0)[None, :, None]).sum(-1, keepdim=True)
-                scores = scores + self._scaled(qb.expand(-1, -1, -1, t), s)
-            probs = self._probs(scores, mask)
+                scores = scores + self._scaled(grouped(qb).expand(-1, -1, -1, t), s)
+            probs = self._probs(scores.view(b, h * g, q_len, t), mask)
             out = torch.einsum("bhqr,hdr->bhqd", probs @ lat[:, None], w_v)  # the value up-projection after
             if self.v_bias is not None:
                 out = out + self.v_bias.view(h, d).repeat_interleave(g, 0)[None, :, None]
             return out
         # decompress-every-step: rebuild the past's keys and values, then ordinary attention
+        k_p = k_p.repeat_interleave(g, 1)
+        s = s.repeat_interleave(g, 1) if s is not None else None
         k_n = F.linear(lat, up_k, self.k_bias).view(b, t, h, d - kept).transpose(1, 2).repeat_interleave(g, 1)
         k_n = k_n * s if s is not None else k_n
         v = F.linear(lat, up_v, self.v_bias).view(b, t, h, d).transpose(1, 2).repeat_interleave(g, 1)
