@@ -39,6 +39,7 @@ os.environ.setdefault("KVFORGE_QUIET", "1")
 
 import httpx  # noqa: E402
 
+from kvforge.specs import split_specs  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 
 QUANT = "kvforge-quant:preset=balanced"
@@ -220,7 +221,7 @@ def mib(n: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--caches", default=f"dynamic,{QUANT}", help="cache specs, separated by ';'")
+    ap.add_argument("--caches", default=f"dynamic,{QUANT}", help="comma-separated cache specs")
     ap.add_argument("--requests", type=int, default=16, help="requests per throughput run")
     ap.add_argument("--prompt-tokens", type=int, default=48, help="prompt length of the throughput runs")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     prompts = make_prompts(tok, text, args.requests, args.prompt_tokens)
     docs = make_prompts(tok, text, args.prefix_trials, args.prefix_tokens, offset=len(text) // 3)
     levels = [int(c) for c in args.concurrency.split(",")]
-    specs = [s for s in args.caches.split(";") if s]
+    specs = split_specs(args.caches)
     budget = _bytes(args.max_kv_bytes)
     result = {"model": args.model, "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "settings": vars(args) | {"out": str(args.out)},
