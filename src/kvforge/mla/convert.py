@@ -16,6 +16,7 @@ worse than plain whitening, so by default it is used up to 2.5x only.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -133,6 +134,18 @@ def rotation_loss(model, layer: int, span: int = 2048) -> torch.Tensor:
     cos, _ = cos_sin(model, torch.arange(span), kind)
     half = cos.shape[1] // 2
     return 1 - cos[:, :half].mean(0)
+
+
+@contextmanager
+def _one_thread():
+    """LAPACK on a few hundred rows gains nothing from threads, and on a busy machine its spinning threads
+    slow one SVD from 0.3 s to 30 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def whitened_basis(weight: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,10 +329,11 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
             wk_h = wk.view(h, d, -1)
             wn = torch.cat([wk_h[j, rest[j]] for j in range(h)])
             mats.append({"kv": torch.cat([wn, wv])})
-    lefts = [_left_weights(a, stats, i, method, rest_all[i] if rest_all else None, key_weight)
-             if output_aware else {} for i, a in enumerate(attns)]
-    bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
-              for k, w in m.items()} for i, m in enumerate(mats)]
+    with _one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
+        lefts = [_left_weights(a, stats, i, method, rest_all[i] if rest_all else None, key_weight)
+                 if output_aware else {} for i, a in enumerate(attns)]
+        bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
+                  for k, w in m.items()} for i, m in enumerate(mats)]
     spectra = [bases[i][k][1] for i, m in enumerate(mats) for k in m]
     if rank is not None:
         flat = [min(rank // rank_multiple * rank_multiple or rank_multiple, len(s)) for s in spectra]
@@ -339,30 +353,31 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     cfg = MLAConfig(method, ranks, [k.tolist() for k in kept_all] if kept_all else None, ratio, base_fp,
                     name or getattr(model, "kvforge_name", ""), whiten, output_aware, key_weight, stats["tokens"])
     new_attns = install(model, cfg)
-    for i, (a, new) in enumerate(zip(attns, new_attns)):
-        e = {}
-        for k, w in mats[i].items():
-            u = bases[i][k][0][:, : ranks[i][k]]  # [out, r]
-            if k in lefts[i]:  # W' = L^-1 U U^T L W, re-based (QR) so that the up-projection stays orthonormal
-                left = lefts[i][k]
-                down = u.T @ left @ w.double()
-                u, tri = torch.linalg.qr(torch.linalg.solve(left, u))
-                down = tri @ down
-            else:
-                down = u.T @ w.double()
-            down = down.to(w.dtype)
-            e[k] = _energy(bases[i][k][1], ranks[i][k])
-            if method == "separate":
-                getattr(new, f"down_{k}").weight.copy_(down)
-                getattr(new, f"up_{k}").copy_(u.to(w.dtype))
-            else:
-                new.down.weight.copy_(down)
-                new.up.copy_(u.to(w.dtype))
-        if method == "decoupled_rope":
-            wk_h = a.k_proj.weight.view(h, d, -1)
-            new.rope_k.weight.copy_(torch.cat([wk_h[j, new.kept_dims[j]] for j in range(h)]))
-        _copy_biases(a, new, method, h, d)
-        cfg.retained_energy.append(e)
+    with _one_thread():
+        for i, (a, new) in enumerate(zip(attns, new_attns)):
+            e = {}
+            for k, w in mats[i].items():
+                u = bases[i][k][0][:, : ranks[i][k]]  # [out, r]
+                if k in lefts[i]:  # W' = L^-1 U U^T L W, re-based (QR) so that the up-projection stays orthonormal
+                    left = lefts[i][k]
+                    down = u.T @ left @ w.double()
+                    u, tri = torch.linalg.qr(torch.linalg.solve(left, u))
+                    down = tri @ down
+                else:
+                    down = u.T @ w.double()
+                down = down.to(w.dtype)
+                e[k] = _energy(bases[i][k][1], ranks[i][k])
+                if method == "separate":
+                    getattr(new, f"down_{k}").weight.copy_(down)
+                    getattr(new, f"up_{k}").copy_(u.to(w.dtype))
+                else:
+                    new.down.weight.copy_(down)
+                    new.up.copy_(u.to(w.dtype))
+            if method == "decoupled_rope":
+                wk_h = a.k_proj.weight.view(h, d, -1)
+                new.rope_k.weight.copy_(torch.cat([wk_h[j, new.kept_dims[j]] for j in range(h)]))
+            _copy_biases(a, new, method, h, d)
+            cfg.retained_energy.append(e)
     model.config.kvforge_mla = cfg.to_dict()
     return cfg
 
