@@ -13,7 +13,7 @@ prefill's freed blocks).
 
     python benchmarks/mla.py                                     # smollm2-135m
     python benchmarks/mla.py --finetuned DIR                     # add a fine-tuned directory's row
-    python benchmarks/mla.py --configs decoupled_rope:4 --no-combos --name mla-speed-smollm2-135m  # speed only
+    python benchmarks/mla.py --configs decoupled_rope:4 --speed-only --name mla-speed-smollm2-135m  # speed only
 """
 
 from __future__ import annotations
@@ -145,24 +145,28 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calibration-pieces", type=int, default=32)
-    ap.add_argument("--configs", help="method:ratio[:pairs],... (default: a grid over methods and 1/2/4/8x)")
+    ap.add_argument("--configs", help="method:ratio[:pairs],... (default: a grid over methods and 1/2/4/8x; "
+                    "'none': only the composed rows and --finetuned)")
     ap.add_argument("--finetuned", type=Path, action="append", default=[], help="converted directories to add")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-combos", action="store_true", help="skip MLA + quantization")
+    ap.add_argument("--speed-only", action="store_true", help="only the decode timing, on the first config")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", help="results file stem (default mla-MODEL)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     base, tok = load_model(args.model)
-    configs = CONFIGS if not args.configs else [
+    configs = CONFIGS if not args.configs else [] if args.configs == "none" else [
         (c.split(":")[0], float(c.split(":")[1]), int(c.split(":")[2]) if c.count(":") == 2 else None)
         for c in args.configs.split(",")]
     cal = text_pieces(load_text("pydoc", "calibration"), args.calibration_pieces, 2200)
     windows = token_windows(tok, load_text("pydoc", "eval"), args.windows, 1024)
-    ref = perplexity(base, tok, windows=windows, show_progress=False)
-    ref_tokens = generate(base, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids
-    print(f"original: PPL {ref.ppl:.4f}", flush=True)
-    rows = [{"label": "original", "ratio": 1.0, "ppl": ref.ppl, "same_greedy": True}]
+    rows = []
+    if not args.speed_only:
+        ref = perplexity(base, tok, windows=windows, show_progress=False)
+        ref_tokens = generate(base, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids
+        print(f"original: PPL {ref.ppl:.4f}", flush=True)
+        rows = [{"label": "original", "ratio": 1.0, "ppl": ref.ppl, "same_greedy": True}]
     speed_model = None
     for method, ratio, pairs in configs:
         m = copy.deepcopy(base)
@@ -176,6 +180,9 @@ def main(argv=None) -> int:
             print(f"{method} {ratio:g}x pairs={pairs}: not possible ({e})", flush=True)
             continue
         conv_s = time.perf_counter() - t
+        if args.speed_only:
+            speed_model = m
+            break
         r = perplexity(m, tok, windows=windows, show_progress=False)
         same = generate(m, tok, PROMPT, max_new_tokens=32, stop_at_eos=False).token_ids == ref_tokens
         energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]
@@ -196,16 +203,17 @@ def main(argv=None) -> int:
         rows.append({"label": f"finetuned {d.name}", "ratio": compression(m), "ppl": r.ppl,
                      "same_greedy": None, "finetune": m.kvforge_mla.finetune})
         print(f"{d}: {compression(m):.2f}x, PPL {r.ppl:.4f}", flush=True)
-    combos = [] if args.no_combos else composed(base, tok, windows, cal, args.model)
+    combos = [] if args.no_combos or args.speed_only else composed(base, tok, windows, cal, args.model)
     speed = []
     if not args.no_speed and speed_model is not None:
         ids = token_windows(tok, load_text("pydoc", "eval"), 1, 8192 + 16)[0]
         speed = decode_speed(speed_model, ids)
 
     lines = [f"# MLA conversion of {args.model} (training-free unless marked; decode-faithful PPL, {args.windows} "
-             "windows x 512 prefilled + 512 scored in chunks of 32)", "",
-             "| conversion | KV bytes vs fp16 | PPL | vs original | same greedy tokens | retained energy (min / mean) |",
-             "|---|---|---|---|---|---|"]
+             "windows x 512 prefilled + 512 scored in chunks of 32)", ""]
+    if rows:
+        lines += ["| conversion | KV bytes vs fp16 | PPL | vs original | same greedy tokens | retained energy "
+                  "(min / mean) |", "|---|---|---|---|---|---|"]
     for r in rows:
         e = f"{r['energy_min']:.3f} / {r['energy_mean']:.3f}" if "energy_min" in r else ""
         same = "" if r["same_greedy"] is None else ("yes" if r["same_greedy"] else "no")
