@@ -44,6 +44,25 @@ def test_full_rank_is_the_original_model_in_chunked_decoding(smollm, cal):
                                                                               max_new_tokens=16).token_ids
 
 
+def test_full_rank_gemma_keeps_both_rotary_bases_and_decodes_on_latents(real_gemma, cal):
+    """Gemma 3 270M (sliding layers with base 10k, full layers with 1M, q/k norms, one KV head of 256):
+    at full rank joint is the original in chunked decoding; decoupled_rope with every pair kept too, and
+    its attention on the latents (absorbed) equals decompressing."""
+    model, tok = real_gemma
+    ids = token_windows(tok, load_text("pydoc", "eval"), 1, 160)[0]
+    ref = _chunked(model, ids)
+    m = copy.deepcopy(model)
+    convert(m, tok, rank=10**6, method="joint", calibration=cal[:2])
+    assert torch.allclose(_chunked(m, ids), ref, atol=2e-3)
+    m = copy.deepcopy(model)
+    convert(m, tok, rank=10**6, method="decoupled_rope", rope_pairs=model.config.head_dim // 2, calibration=cal[:2])
+    absorbed = _chunked(m, ids)
+    assert torch.allclose(absorbed, ref, atol=2e-3)
+    for layer in m.model.layers:
+        layer.self_attn.absorb = False
+    assert torch.allclose(_chunked(m, ids), absorbed, atol=2e-3)
+
+
 def test_half_the_bytes_keeps_perplexity_close_and_round_trips_through_load_model(smollm, cal, tmp_path):
     model, tok = smollm
     m = copy.deepcopy(model)
@@ -52,7 +71,7 @@ def test_half_the_bytes_keeps_perplexity_close_and_round_trips_through_load_mode
     windows = token_windows(tok, load_text("pydoc", "eval"), 1, 512)
     ref = perplexity(model, tok, windows=windows, context=256, score=256, show_progress=False)
     got = perplexity(m, tok, windows=windows, context=256, score=256, show_progress=False)
-    assert got.ppl < ref.ppl * 1.3  # benchmarks/mla.py: +18% with 32 calibration pieces
+    assert got.ppl < ref.ppl * 1.15  # benchmarks/mla.py: +9% with 32 calibration pieces (output-aware)
     save_converted(m, tok, tmp_path / "mla2")
     back, _ = load_model(str(tmp_path / "mla2"))
     ids = windows[0][:, :96]
