@@ -5,27 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
 
-from kvforge._compat import cache_kw
+from kvforge._compat import cache_kw, one_thread  # noqa: F401  (one_thread: re-exported for the tests)
 
 CONTEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 QUESTION = " Then the fox"
-
-
-@contextmanager
-def one_thread():
-    """Run torch on one thread: the tiny models gain nothing from more, and on a shared 2-core machine
-    a second OpenMP thread waiting for a busy core makes each small matmul up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.inference_mode()

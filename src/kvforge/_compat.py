@@ -8,6 +8,9 @@ goes away.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
 import transformers
 from packaging.version import Version
 
@@ -17,3 +20,16 @@ CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else
 def cache_kw(cache) -> dict:
     """``{"cache": cache}`` or ``{"past_key_values": cache}`` for the installed transformers."""
     return {CACHE_ARG: cache}
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread: small matmuls and factorisations gain nothing from more, and on a busy
+    machine a second OpenMP/LAPACK thread waiting for a core makes each one up to 100x slower (one SVD
+    in ``kvforge.mla.convert``: 28 s instead of 0.3 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,11 +16,11 @@ worse than plain whitening, so by default it is used up to 2.5x only.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._compat import one_thread
 from .attention import METHODS, LatentAttention
 
 
@@ -134,18 +134,6 @@ def rotation_loss(model, layer: int, span: int = 2048) -> torch.Tensor:
     cos, _ = cos_sin(model, torch.arange(span), kind)
     half = cos.shape[1] // 2
     return 1 - cos[:, :half].mean(0)
-
-
-@contextmanager
-def _one_thread():
-    """LAPACK on a few hundred rows gains nothing from threads, and on a busy machine its spinning threads
-    slow one SVD from 0.3 s to 30 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def whitened_basis(weight: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +317,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
             wk_h = wk.view(h, d, -1)
             wn = torch.cat([wk_h[j, rest[j]] for j in range(h)])
             mats.append({"kv": torch.cat([wn, wv])})
-    with _one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
+    with one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
         lefts = [_left_weights(a, stats, i, method, rest_all[i] if rest_all else None, key_weight)
                  if output_aware else {} for i, a in enumerate(attns)]
         bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
@@ -353,7 +341,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     cfg = MLAConfig(method, ranks, [k.tolist() for k in kept_all] if kept_all else None, ratio, base_fp,
                     name or getattr(model, "kvforge_name", ""), whiten, output_aware, key_weight, stats["tokens"])
     new_attns = install(model, cfg)
-    with _one_thread():
+    with one_thread():
         for i, (a, new) in enumerate(zip(attns, new_attns)):
             e = {}
             for k, w in mats[i].items():
