@@ -9,7 +9,9 @@ import sys
 import torch
 from transformers import DynamicCache
 
-from kvforge._compat import cache_kw, one_thread  # noqa: F401  (one_thread: re-exported for the tests)
+from kvforge import run
+from kvforge._compat import one_thread  # noqa: F401  (re-exported for the tests)
+from kvforge.run import cache_kw
 
 CONTEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
 QUESTION = " Then the fox"
@@ -18,8 +20,7 @@ QUESTION = " Then the fox"
 @torch.inference_mode()
 def forward_into(model, cache, ids: torch.Tensor, start: int = 0, **kwargs):
     """One forward pass of ``ids`` ``[batch, k]`` at absolute positions ``start..start+k-1``."""
-    pos = torch.arange(start, start + ids.shape[1])[None]
-    return model(input_ids=ids, **cache_kw(cache), use_cache=True, position_ids=pos, **kwargs)
+    return run.forward(model, ids, cache, start=start, **kwargs)
 
 
 def prefilled_cache(model, ids: torch.Tensor):
@@ -29,21 +30,13 @@ def prefilled_cache(model, ids: torch.Tensor):
     return cache
 
 
-@torch.inference_mode()
 def greedy_continue(model, cache, seen: int, ids: torch.Tensor, n: int) -> torch.Tensor:
     """Greedy ``[batch, n]`` tokens after feeding ``ids`` to a cache that already holds ``seen`` tokens.
 
     The uninterrupted reference: the very cache the context was prefilled into, never exported.
     """
-    out = []
-    step, pos = ids, seen
-    for _ in range(n):
-        logits = forward_into(model, cache, step, pos).logits
-        nxt = logits[:, -1].argmax(-1)
-        out.append(nxt)
-        pos += step.shape[1]
-        step = nxt[:, None]
-    return torch.stack(out, dim=1)
+    logits = run.prefill(model, ids, cache, start=seen)
+    return run.decode(model, cache, logits, n)[0]
 
 
 @torch.inference_mode()

@@ -11,9 +11,9 @@ from kvhelpers import one_thread
 from transformers import DynamicCache
 
 from kvforge import KVState, generate
-from kvforge._compat import cache_kw
 from kvforge.mla import METHODS, allocate, calibrate, compression, convert, kv_bytes_per_token, save_converted
 from kvforge.models import fingerprint
+from kvforge.run import cache_kw
 
 CAL = ["the quick brown fox jumps over the lazy dog, " * 3, "pack my box with five dozen liquor jugs; " * 3]
 TEXT = "sphinx of black quartz, judge my vow. how vexingly quick daft zebras jump over sliding windows " * 2

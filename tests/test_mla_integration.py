@@ -10,10 +10,10 @@ import torch
 from transformers import DynamicCache
 
 from kvforge import generate, load_model
-from kvforge._compat import cache_kw
 from kvforge.eval import perplexity
 from kvforge.eval.common import token_windows
 from kvforge.mla import compression, convert, save_converted
+from kvforge.run import cache_kw
 from kvforge.texts import load_text, text_pieces
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._compat import cache_kw
+from . import run
 from .progress import progress
+from .run import sample_next  # noqa: F401  (re-exported: the server samples with it)
 from .state import KVState
 
 
@@ -52,19 +53,6 @@ class TokenCounter:
         self.close()
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Pick next tokens from ``logits`` ``[batch, vocab]``: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, sorted_i, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
 def generate(
     model,
@@ -89,13 +77,8 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    device = next(model.parameters()).device
-    if isinstance(prompt, str):
-        add_special = state is None  # a continuation must not start with a second BOS
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special).input_ids
-    else:
-        ids = prompt if prompt.dim() == 2 else prompt.unsqueeze(0)
-    ids = ids.to(device)
+    device = run.model_device(model)
+    ids = run.encode(tokenizer, prompt, special=state is None).to(device)  # a continuation gets no second BOS
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -107,35 +90,41 @@ def generate(
     else:
         prefix = ids[:, :0]
         if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=model.config)
+            cache = run.new_cache(model)
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty: nothing to continue from")
     eos = set(_eos_ids(model, tokenizer)) if stop_at_eos else set()
 
-    seq = torch.cat([prefix, ids], dim=1)
-    new: list[int] = []
     t0 = time.perf_counter()
-    first = 0.0
+    first = [0.0]
+    bar = progress(total=max_new_tokens, desc="generate", disable=not show_progress)
+
+    def on_token(_tok):
+        if not first[0]:
+            first[0] = time.perf_counter() - t0
+        bar.update(1)
+
     with TokenCounter(model) as counter:
-        step_input = ids
-        for step in progress(range(max_new_tokens), desc="generate", disable=not show_progress):
-            if use_cache:
-                pos = torch.arange(seq.shape[1] - step_input.shape[1], seq.shape[1], device=device)
-                out = model(input_ids=step_input, **cache_kw(cache), use_cache=True, position_ids=pos[None], logits_to_keep=1)
-            else:
-                out = model(input_ids=seq, use_cache=False, logits_to_keep=1)
-            nxt = sample_next(out.logits[:, -1, :], temperature, top_p, generator)
-            if step == 0:
-                first = time.perf_counter() - t0
-            tok = int(nxt[0])
-            new.append(tok)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if tok in eos:
-                break
+        if max_new_tokens == 0:
+            new = []
+        elif use_cache:
+            logits = run.prefill(model, ids, cache, start=prefix.shape[1])
+            tokens, _ = run.decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
+                                   generator=generator, eos=eos, on_token=on_token)
+            new = tokens[0].tolist()
+        else:  # the quadratic baseline: every step re-reads the whole sequence
+            new, seq = [], torch.cat([prefix, ids], dim=1)
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=seq, use_cache=False, logits_to_keep=1).logits[:, -1]
+                nxt = run.sample_next(logits, temperature, top_p, generator)
+                on_token(int(nxt[0]))
+                new.append(int(nxt[0]))
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if new[-1] in eos:
+                    break
         forwarded = counter.count
+    bar.close()
+    first = first[0]
     seconds = time.perf_counter() - t0
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -161,20 +150,9 @@ def prefill(model, tokenizer, text: str | torch.Tensor, cache=None, chunk_size: 
 
     ``chunk_size`` feeds the text in chunks (bounded peak memory on long contexts).
     """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    if isinstance(text, str):
-        ids = tokenizer(text, return_tensors="pt").input_ids
-    else:
-        ids = text if text.dim() == 2 else text.unsqueeze(0)
+    ids = run.encode(tokenizer, text).to(run.model_device(model))
     if ids.shape[1] == 0:
         raise ValueError("nothing to prefill: the text has no tokens")
-    ids = ids.to(device)
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    step = chunk_size or ids.shape[1]
-    for start in progress(range(0, ids.shape[1], step), desc="prefill", disable=ids.shape[1] <= step):
-        chunk = ids[:, start : start + step]
-        pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
-        model(input_ids=chunk, **cache_kw(cache), use_cache=True, position_ids=pos, logits_to_keep=1)
+    cache = run.new_cache(model) if cache is None else cache
+    run.prefill(model, ids, cache, chunk_size=chunk_size, show_progress=True)
     return KVState.from_cache(cache, model, ids)

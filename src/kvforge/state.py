@@ -28,6 +28,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 
+from .layers import KVStateError, LayerState, export_layer, import_layer
 from .models import fingerprint as model_fingerprint
 from .models import layer_types as model_layer_types
 from .models import text_config
@@ -36,59 +37,12 @@ FORMAT_VERSION = 1
 FORMAT_NAME = "kvforge.kvstate"
 
 
-class KVStateError(ValueError):
-    """A KV state that cannot be used as asked (wrong model, wrong shapes, inconsistent slices)."""
-
-
 class ModelMismatchError(KVStateError):
     """The state was made by a different model than the one it is being used with."""
 
 
 class KVFileError(KVStateError):
     """A state file that is not a kvforge file, is truncated or corrupted, or has an unsupported version."""
-
-
-@dataclass
-class LayerState:
-    """One layer's cached tokens.
-
-    ``kind`` names the encoding: ``"dense"`` has ``tensors = {"keys", "values"}``, each
-    ``[batch, kv_heads, length, head_dim]``. Other kinds (quantized, latent) are written and read by the
-    cache layer classes that own them; ``meta`` holds their JSON-able settings.
-    """
-
-    kind: str
-    tensors: dict[str, torch.Tensor]
-    length: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def dense(cls, keys: torch.Tensor, values: torch.Tensor) -> LayerState:
-        if keys.dim() != 4 or values.dim() != 4 or keys.shape[:3] != values.shape[:3]:
-            raise KVStateError(
-                f"keys and values must be [batch, kv_heads, tokens, head_dim] with matching leading dims; "
-                f"got {tuple(keys.shape)} and {tuple(values.shape)}"
-            )
-        return cls("dense", {"keys": keys, "values": values}, keys.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    def to_dense(self) -> LayerState:
-        if self.kind == "dense":
-            return self
-        from .codecs import decode_layer
-
-        return decode_layer(self)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.to_dense().tensors["keys"]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.to_dense().tensors["values"]
 
 
 @dataclass
@@ -173,8 +127,6 @@ class KVState:
         Layers that know how to export themselves (``export_state()``, e.g. kvforge's quantized layers)
         keep their encoding; every other layer is exported dense.
         """
-        from .codecs import export_layer
-
         token_ids = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
         cfg = text_config(model)
         types = model_layer_types(model)
@@ -219,8 +171,6 @@ class KVState:
         ``self.token_ids``: transformers skips the tokens already in the cache.
         """
         from transformers import DynamicCache
-
-        from .codecs import import_layer
 
         if check:
             self.check_model(model)

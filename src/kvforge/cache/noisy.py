@@ -6,6 +6,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from ..layers import KVStateError
+
 
 class _AddNoise:
     """New keys/values get Gaussian noise (std relative to the incoming tensor's RMS) before they are stored.
@@ -24,6 +26,14 @@ class _AddNoise:
 
     def update(self, key_states, value_states, *args, **kwargs):
         return super().update(self._noise(key_states), self._noise(value_states), *args, **kwargs)
+
+    def load_state(self, state, total_tokens: int) -> None:
+        """Refused: the noise of later tokens depends on the random stream of the cache that made the state,
+        so a restored noisy cache would not continue as that cache does."""
+        raise KVStateError(
+            "cannot import a KV state into a 'noisy' cache: it is a diagnostic whose noise stream cannot be "
+            "restored; import into 'dynamic' instead"
+        )
 
 
 class NoisyLayer(_AddNoise, DynamicLayer):

@@ -13,20 +13,21 @@ still limits what they attend to, so outputs are exact; only the memory saving o
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from ..layers import KVLayer, LayerState, register_layer
 from ..models import text_config
-from ..state import LayerState
 
 
 class CacheOverflowError(RuntimeError):
     """More tokens were written than the cache was allocated for."""
 
 
-class PreallocatedLayer(CacheLayerMixin):
-    is_compileable = False
+@register_layer
+class PreallocatedLayer(KVLayer):
+    """``[batch, kv_heads, max_seq_len, head_dim]`` allocated once; new tokens are written in place."""
+
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, max_seq_len: int, **kwargs):
         super().__init__()
@@ -77,13 +78,9 @@ class PreallocatedLayer(CacheLayerMixin):
         if self.is_initialized:
             self._refresh()
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # transformers' legacy meaning: the length to keep
-            self.length = min(self.length, tokens_to_remove)
-        else:
-            self.length = max(0, self.length + tokens_to_remove)
-        if self.is_initialized:
-            self._refresh()
+    def _remove_last(self, n: int) -> None:
+        self.length -= n
+        self._refresh()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -113,6 +110,8 @@ class PreallocatedLayer(CacheLayerMixin):
         return LayerState.dense(self.keys.clone(), self.values.clone())
 
     def load_state(self, state: LayerState, total_tokens: int) -> None:
+        if self.length:
+            raise ValueError("the cache to import into must be empty")
         d = state.to_dense()
         if d.length != total_tokens:
             raise ValueError(

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .._compat import cache_kw
+from .. import run
 from ..progress import progress
 from .common import CacheLike, cache_factory, model_device
 
@@ -42,22 +41,11 @@ class AgreementResult:
         return d
 
 
-@torch.inference_mode()
 def _decode(model, prompt: torch.Tensor, cache, steps: int, forced: torch.Tensor | None = None):
     """Greedy decode (or teacher-force ``forced``) for ``steps`` tokens; returns tokens and log-probs."""
-    out = model(input_ids=prompt, **cache_kw(cache), use_cache=True, logits_to_keep=1)
-    logp = [F.log_softmax(out.logits[0, -1].float(), -1)]
-    tokens = []
-    n = prompt.shape[1]
-    for i in range(steps):
-        tok = forced[i] if forced is not None else logp[-1].argmax()
-        tokens.append(int(tok))
-        if i == steps - 1:
-            break
-        pos = torch.tensor([[n + i]], device=prompt.device)
-        out = model(input_ids=tok.view(1, 1), **cache_kw(cache), use_cache=True, position_ids=pos)
-        logp.append(F.log_softmax(out.logits[0, -1].float(), -1))
-    return torch.tensor(tokens), torch.stack(logp)
+    logits = run.prefill(model, prompt, cache)
+    tokens, logp = run.decode(model, cache, logits, steps, forced=None if forced is None else forced[None])
+    return tokens[0].cpu(), logp[0]
 
 
 def agreement(
@@ -109,18 +97,12 @@ def agreement(
 
 
 def default_prompts(tokenizer, n: int = 4, tokens: int = 256, text: str | None = None) -> list[torch.Tensor]:
-    """``n`` prompts of ``tokens`` ids, cut at evenly spaced offsets of the evaluation text."""
+    """``n`` prompts of ``tokens`` ids (each starting as the model's prompts do, e.g. with ``<bos>``), cut
+    at evenly spaced offsets of the evaluation text."""
     from ..texts import load_text
 
     text = text if text is not None else load_text("pydoc", "eval")
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() < n * tokens:
-        raise ValueError(f"the text has {ids.numel()} tokens, {n} prompts of {tokens} need {n * tokens}")
-    step = ids.numel() // n
-    out = []
-    for i in range(n):
-        piece = ids[i * step : i * step + tokens]
-        if tokenizer.bos_token_id is not None and ids[0].item() == tokenizer.bos_token_id:
-            piece = torch.cat([ids[:1], piece[:-1]])  # each prompt starts as a real one does
-        out.append(piece[None])
-    return out
+    body = len(tokenizer(text, add_special_tokens=False).input_ids)
+    if body < n * tokens:
+        raise ValueError(f"the text has {body} tokens, {n} prompts of {tokens} need {n * tokens}")
+    return run.token_windows(tokenizer, text, n, tokens, stride=body // n)

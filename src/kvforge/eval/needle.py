@@ -11,11 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from .._compat import cache_kw
+from .. import run
 from ..progress import progress
-from .common import CacheLike, cache_factory, model_device
+from .common import CacheLike, cache_factory
 
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca"]
 
@@ -58,24 +56,14 @@ def make_haystack(tokenizer, text: str, length: int, depth: float, name: str, nu
     return hay[:at] + needle + hay[at:], question
 
 
-@torch.inference_mode()
 def _answer(model, tokenizer, document: str, question: str, cache, max_new_tokens: int) -> str:
-    device = model_device(model)
-    doc = tokenizer(document, return_tensors="pt").input_ids.to(device)
-    q = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    model(input_ids=doc, **cache_kw(cache), use_cache=True, logits_to_keep=1)
-    n = doc.shape[1]
-    pos = torch.arange(n, n + q.shape[1], device=device)[None]
-    out = model(input_ids=q, **cache_kw(cache), use_cache=True, position_ids=pos, logits_to_keep=1)
-    n += q.shape[1]
-    new = []
-    for i in range(max_new_tokens):
-        tok = out.logits[0, -1].argmax()
-        new.append(int(tok))
-        if i == max_new_tokens - 1:
-            break
-        out = model(input_ids=tok.view(1, 1), **cache_kw(cache), use_cache=True, position_ids=torch.tensor([[n + i]], device=device))
-    return tokenizer.decode(new, skip_special_tokens=True)
+    device = run.model_device(model)
+    doc = run.encode(tokenizer, document).to(device)
+    q = run.encode(tokenizer, question, special=False).to(device)
+    run.prefill(model, doc, cache)
+    logits = run.prefill(model, q, cache)  # a separate pass: the question reads the *stored* document
+    new, _ = run.decode(model, cache, logits, max_new_tokens)
+    return tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
 
 
 def needle(

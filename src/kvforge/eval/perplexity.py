@@ -13,14 +13,12 @@ better or worse here than in real decoding, which is why the decode-faithful num
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .._compat import cache_kw
 from ..progress import progress
+from ..run import window_nll
 from ..specs import cache_nbytes
 from .common import CacheLike, cache_factory, model_device, token_windows
 
@@ -51,29 +49,6 @@ class PerplexityResult:
         d = asdict(self)
         d["rel_change"] = self.rel_change
         return d
-
-
-@torch.inference_mode()
-def _score_window(model, ids: torch.Tensor, cache, context: int, chunk: int, single_pass: bool):
-    """Sum of NLL over tokens ``ids[context:]``, count, cache after, scoring seconds."""
-    n = ids.shape[1]
-    if single_pass:
-        t = time.perf_counter()
-        out = model(input_ids=ids, **cache_kw(cache), use_cache=True)
-        logits = out.logits[0, context - 1 : n - 1]
-        nll = F.cross_entropy(logits.float(), ids[0, context:], reduction="sum")
-        return nll.item(), n - context, time.perf_counter() - t
-    out = model(input_ids=ids[:, :context], **cache_kw(cache), use_cache=True, logits_to_keep=1)
-    logits = [out.logits[0, -1:]]  # predicts ids[context]
-    t = time.perf_counter()
-    for start in range(context, n - 1, chunk):
-        stop = min(start + chunk, n - 1)  # the last token is only ever a target
-        pos = torch.arange(start, stop, device=ids.device)[None]
-        out = model(input_ids=ids[:, start:stop], **cache_kw(cache), use_cache=True, position_ids=pos)
-        logits.append(out.logits[0])
-    logits = torch.cat(logits).float()
-    nll = F.cross_entropy(logits, ids[0, context:], reduction="sum")
-    return nll.item(), n - context, time.perf_counter() - t
 
 
 def perplexity(
@@ -110,7 +85,7 @@ def perplexity(
         if ids.shape[1] != context + score:
             raise ValueError(f"window has {ids.shape[1]} tokens, expected context + score = {context + score}")
         c = factory(model)
-        nll, k, s = _score_window(model, ids.to(device), c, context, chunk, single_pass)
+        nll, k, s = window_nll(model, ids.to(device), c, context, chunk, single_pass)
         total, count, secs = total + nll, count + k, secs + s
         per_window.append(nll / k)
         bytes_tok = cache_nbytes(c) / max(1, c.get_seq_length())

@@ -82,7 +82,7 @@ def orthonormality_error(model) -> float:
 
 def windows(tokenizer, text: str, n: int | None, seq_len: int) -> list[torch.Tensor]:
     """``n`` windows of ``seq_len`` tokens from ``text`` (``None``: as many as it holds)."""
-    from ..eval.common import token_windows
+    from ..run import token_windows
 
     if n is None:
         n = tokenizer(text, return_tensors="pt").input_ids.shape[1] // seq_len

@@ -5,11 +5,8 @@
     model.generate(**inputs, cache=cache)   # past_key_values= on transformers < 5.24
 """
 
-from ..codecs import register_decoder
 from . import spec as _spec  # noqa: F401  (registers the "kvforge-quant" cache spec)
 from .config import PRESET_HELP, PRESETS, QuantConfig, resolve_config
-from .layer import KIND, QuantizedKVCache, QuantizedLayer, QuantizedView, decode_state
+from .layer import KIND, QuantizedKVCache, QuantizedLayer, QuantizedView
 
-register_decoder(KIND, decode_state)
-
-__all__ = ["PRESETS", "PRESET_HELP", "QuantConfig", "QuantizedKVCache", "QuantizedLayer", "QuantizedView", "resolve_config"]
+__all__ = ["KIND", "PRESETS", "PRESET_HELP", "QuantConfig", "QuantizedKVCache", "QuantizedLayer", "QuantizedView", "resolve_config"]

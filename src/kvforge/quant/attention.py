@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import unpack
+from .view import QuantizedView
 
 NAME = "kvforge"
 BLOCK_TOKENS = 4096
@@ -90,8 +91,6 @@ def quantized_attention(query: torch.Tensor, view, attention_mask, scaling: floa
 
 
 def kvforge_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    from .layer import QuantizedView
-
     if isinstance(key, QuantizedView):
         if dropout and module.training:
             raise RuntimeError("kvforge's quantized attention is for inference; it does not apply dropout")

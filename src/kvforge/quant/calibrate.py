@@ -96,22 +96,19 @@ def _errors(k: torch.Tensor, v: torch.Tensor, base: QuantConfig, rotate_keys: bo
 def calibrate(model, tokenizer, text: str | None = None, tokens: int = 512,
               base: QuantConfig | None = None) -> CalibrationReport:
     """One forward pass over ``tokens`` tokens of ``text`` (default: the built-in calibration split)."""
-    from transformers import DynamicCache
-
-    from .._compat import cache_kw
-    from ..codecs import dense_kv
+    from .. import run
+    from ..layers import dense_kv
     from ..models import layer_types
     from ..texts import load_text
 
     base = base or QuantConfig()
     if text is None:
         text = load_text("pydoc", "calibration")
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    ids = run.encode(tokenizer, text)[:, :tokens]
     if ids.shape[1] < base.key_group:
         raise ValueError(f"calibration needs at least {base.key_group} tokens; the text has {ids.shape[1]}")
-    ids = ids.to(next(model.parameters()).device)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
+    cache = run.new_cache(model)
+    run.prefill(model, ids.to(run.model_device(model)), cache)
     report = None
     for i, (layer, kind) in enumerate(zip(cache.layers, layer_types(model))):
         k, v = dense_kv(layer)

@@ -2,61 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..state import KVStateError, LayerState
+from ..layers import KVLayer, KVStateError, LayerState, register_layer
 from .config import QuantConfig
 from .kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values, rotation
 from .packing import packed_size
+from .view import QuantizedView
 
 KIND = "kvforge-quant"
 _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 
-@dataclass
-class QuantizedView:
-    """What a quantized layer hands to attention when the fused path is on: the quantized past as
-    codes (not dequantized) plus the recent tokens in full precision, all in the rotated space."""
-
-    layer: QuantizedLayer
-    k_codes: torch.Tensor
-    k_scale: torch.Tensor
-    k_zero: torch.Tensor
-    v_codes: torch.Tensor
-    v_scale: torch.Tensor
-    v_zero: torch.Tensor
-    recent_k: torch.Tensor  # [B, H, R', D] compute dtype, rotated if keys are rotated
-    recent_v: torch.Tensor
-
-    @property
-    def quantized_tokens(self) -> int:
-        return self.k_codes.shape[2]
-
-    @property
-    def shape(self):  # what attention code may ask of a key tensor
-        b, h, r, d = self.recent_k.shape
-        return torch.Size((b, h, self.quantized_tokens + r, d))
-
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layer._dense(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
-                                 self.v_zero, self.recent_k, self.recent_v)
-
-
-class QuantizedLayer(DynamicLayer):
-    """A KIVI-layout quantized layer with a full-precision window of recent tokens.
+@register_layer
+class QuantizedLayer(KVLayer, DynamicLayer):
+    """A KIVI-layout quantized layer with a full-precision window of recent tokens (KIVI, Liu et al. 2024).
 
     Storage: ``k_codes/v_codes`` (bit-packed uint8), ``k_scale/k_zero`` per channel and key group,
-    ``v_scale/v_zero`` per token and value group, and ``res_k/res_v`` (at most ``residual_length`` of
-    the most recent tokens). A forward pass sees the tokens quantized *before* it plus the earlier
+    ``v_scale/v_zero`` per token and value group, and ``res_k/res_v``: the residual window, the most
+    recent tokens in full precision. As in KIVI and transformers' ``QuantizedCache``, the window holds *at
+    most* ``residual_length`` tokens: once more have been seen, the oldest whole key groups are quantized,
+    so it holds between ``residual_length - key_group + 1`` and ``residual_length`` (see
+    :meth:`residual_tokens_after`). A forward pass sees the tokens quantized *before* it plus the earlier
     residual and its own tokens in full precision; its tokens are quantized afterwards, a key group at a
     time, so the prompt's own prefill attention is never degraded.
     """
 
+    kind = KIND
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, config: QuantConfig, fused: bool = False, sliding_window: int | None = None):
         super().__init__()
@@ -140,13 +114,20 @@ class QuantizedLayer(DynamicLayer):
             return view, view
         return view.dense()
 
+    @staticmethod
+    def residual_tokens_after(n: int, residual_length: int, key_group: int) -> int:
+        """Tokens the full-precision window holds after ``n`` tokens were written one forward pass at a time
+        (full-attention layer): ``n`` while ``n <= residual_length``, then the oldest whole key groups are
+        quantized until at most ``residual_length`` remain."""
+        if n <= residual_length:
+            return n
+        take = min(-(-(n - residual_length) // key_group), n // key_group) * key_group
+        return n - take
+
     def _flush(self) -> None:
         """Quantize the oldest whole key groups so that at most ``residual_length`` tokens stay full precision."""
-        g, r = self.config.key_group, self.config.residual_length
         n = self.res_k.shape[2]
-        if n <= r:
-            return
-        take = min(-(-(n - r) // g), n // g) * g
+        take = n - self.residual_tokens_after(n, self.config.residual_length, self.config.key_group)
         if take == 0:
             return
         self._append_quantized(self.res_k[:, :, :take], self.res_v[:, :, :take])
@@ -215,14 +196,9 @@ class QuantizedLayer(DynamicLayer):
         self._clear()
         self.total = 0
 
-    def crop(self, max_length: int) -> None:
-        """``crop(-n)`` removes the last ``n`` tokens (transformers >= 5.24); ``crop(n >= 0)`` keeps the first
-        ``n`` (older transformers). A partly removed key group is dequantized back into the residual."""
-        if not self.is_initialized:
-            return
-        remove = -max_length if max_length < 0 else self.total - max_length
-        if remove <= 0:
-            return
+    def _remove_last(self, remove: int) -> None:
+        """Remove the last ``remove`` tokens (``crop``: see :func:`kvforge.layers.crop_amount`). A partly
+        removed key group is dequantized back into the residual window."""
         if remove > self.stored_tokens:
             raise ValueError(f"cannot crop {remove} tokens: this layer holds only {self.stored_tokens}")
         self.total -= remove
@@ -283,12 +259,20 @@ class QuantizedLayer(DynamicLayer):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in (*_STORE, "res_k", "res_v"))
 
     def export_state(self) -> LayerState:
+        """The stored codes, scales and window as a ``LayerState`` of kind ``kvforge-quant`` (bit-exact)."""
         if not self.is_initialized:
             raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
         tensors = {n: getattr(self, n).detach().clone() for n in (*_STORE, "res_k", "res_v")}
         meta = {"config": self.config.to_dict(), "head_dim": self.head_dim, "value_dim": self.value_dim,
                 "dtype": str(self.dtype).removeprefix("torch.")}
         return LayerState(KIND, tensors, self.stored_tokens, meta)
+
+    @staticmethod
+    def decode_state(state: LayerState) -> LayerState:
+        """A saved ``kvforge-quant`` layer as dense keys and values (for slicing, translation, other caches)."""
+        layer = QuantizedLayer(QuantConfig(**state.meta["config"]))
+        layer.load_state(state, state.length)
+        return LayerState.dense(*layer.dequantized())
 
     def load_state(self, state: LayerState, total_tokens: int) -> None:
         """Fill this (empty) layer from a saved quantized state (bit-exact) or from dense keys/values
@@ -325,15 +309,6 @@ def _rotation(dim: int, device) -> torch.Tensor:
     if key not in _ROTATIONS:
         _ROTATIONS[key] = rotation(dim).to(device)
     return _ROTATIONS[key]
-
-
-def decode_state(state: LayerState) -> LayerState:
-    """A saved ``kvforge-quant`` layer as dense keys and values (for slicing, translation, other caches)."""
-    cfg = QuantConfig(**state.meta["config"])
-    layer = QuantizedLayer(cfg)
-    layer.load_state(state, state.length)
-    k, v = layer.dequantized()
-    return LayerState.dense(k, v)
 
 
 class QuantizedKVCache(Cache):

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._compat import cache_kw
 from ..generate import _eos_ids, sample_next
 from ..models import text_config
+from ..run import cache_kw
 from ..specs import cache_nbytes, parse_spec
 from ..state import KVState
 from .batch import BatchedCache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._compat import cache_kw
+from .. import run
 from ..state import KVState
 
 
@@ -27,14 +27,9 @@ def continuation_logits(model, state: KVState | None, last: torch.Tensor, cont: 
                         check: bool = True) -> torch.Tensor:
     """Logits ``[len(cont), vocab]`` predicting each token of ``cont`` when the model has ``state`` as its past
     and ``last`` is fed first (differentiable through ``state``'s tensors)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config) if state is None else state.to_cache(model, check=check)
-    n = 0 if state is None else state.num_tokens
-    device = next(model.parameters()).device
-    x = torch.cat([last.view(1), cont[:-1]]).to(device)[None]
-    pos = torch.arange(n, n + x.shape[1], device=device)[None]
-    return model(input_ids=x, **cache_kw(cache), use_cache=True, position_ids=pos).logits[0]
+    cache = run.new_cache(model) if state is None else state.to_cache(model, check=check)
+    x = torch.cat([last.view(1), cont[:-1]]).to(run.model_device(model))[None]
+    return run.forward(model, x, cache).logits[0]
 
 
 @torch.inference_mode()
