@@ -136,6 +136,29 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+# converted-model formats register a loader for the marker file their directories hold
+_LOADERS: dict[str, Callable] = {}
+
+
+def register_loader(marker: str, loader: Callable) -> None:
+    """Load directories holding the file ``marker`` with ``loader(directory, dtype) -> model`` (kvforge.mla
+    registers its conversions this way, so the foundation never imports a capability)."""
+    _LOADERS[marker] = loader
+
+
+def converted_loader(directory: str | Path) -> Callable | None:
+    """The registered loader for a converted-model directory, or ``None`` for a plain model."""
+    from ._capabilities import load_capabilities
+
+    if not Path(directory).is_dir():
+        return None
+    load_capabilities()
+    for marker, loader in _LOADERS.items():
+        if (Path(directory) / marker).is_file():
+            return loader
+    return None
+
+
 def load_model(
     name_or_path: str,
     dtype: torch.dtype | str = torch.float32,
@@ -166,10 +189,9 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if (Path(path) / "kvforge_mla.json").is_file():  # a model converted by kvforge.mla
-            from .mla.io import load_converted
-
-            model = load_converted(path, dtype)
+        loader = converted_loader(path)
+        if loader is not None:  # a model converted by a capability (kvforge.mla)
+            model = loader(path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as e:

@@ -79,10 +79,12 @@ def new_results_dir(root: str | Path, name: str) -> Path:
 
 def _variant(path: str, base):
     """A converted model directory, checked to come from ``base`` (same windows, same baseline)."""
-    from ..mla.io import load_converted
-    from ..models import fingerprint
+    from ..models import converted_loader, fingerprint
 
-    model = load_converted(path, dtype=next(base.parameters()).dtype)
+    loader = converted_loader(path)
+    if loader is None:
+        raise ValueError(f"{path}: not a model converted by kvforge (no conversion file in it)")
+    model = loader(path, next(base.parameters()).dtype)
     mla = model.kvforge_mla
     if mla.base_fingerprint != fingerprint(base):
         raise ValueError(f"{path}: converted from another model (base fingerprint {mla.base_fingerprint[:12]}, "

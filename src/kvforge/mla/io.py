@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import register_loader
 from .convert import MLAConfig, install
 
 MLA_FILE = "kvforge_mla.json"
@@ -67,3 +68,6 @@ def load_converted(directory: str | Path, dtype: torch.dtype = torch.float32):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+register_loader(MLA_FILE, load_converted)
