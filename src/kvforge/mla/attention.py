@@ -31,14 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..translate.rope import rotate_half
+from ..rope import rotary_cos_sin, rotate
 
 METHODS = ("separate", "joint", "decoupled_rope")
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, T, D]`` rotated with ``cos/sin`` broadcastable to it."""
-    return x * cos + rotate_half(x) * sin
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -50,6 +45,15 @@ def _norm_gain(norm: nn.Module, dim: int, dtype) -> torch.Tensor:
     read off the module itself: its output on a constant vector (differentiable in its weight)."""
     ones = torch.ones(dim, dtype=dtype, device=next(norm.parameters()).device)
     return norm(ones) * (1.0 + _norm_eps(norm)) ** 0.5
+
+
+def attention_modules(model) -> list:
+    """The attention module of every decoder layer (``model.model.layers[i].self_attn``), in layer order."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
+    return [layer.self_attn for layer in layers]
 
 
 class LatentAttention(nn.Module):
@@ -142,14 +146,9 @@ class LatentAttention(nn.Module):
         return h * self.kept + (h if self.k_norm is not None else 0) + self.ranks["kv"]
 
     def _cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        rot = self._rotary[0]
-        x = torch.zeros(1, dtype=torch.float32, device=positions.device)
-        if getattr(rot, "layer_types", None):
-            kind = self.layer_type if self.layer_type in rot.layer_types else rot.layer_types[0]
-            cos, sin = rot(x, positions[None], kind)
-        else:
-            cos, sin = rot(x, positions[None])
-        return cos[0].to(dtype), sin[0].to(dtype)  # [T, D]
+        """``cos, sin`` ``[T, D]`` in ``dtype`` at ``positions`` ``[T]`` (computed in float32)."""
+        cos, sin = rotary_cos_sin(self._rotary[0], positions, self.layer_type)
+        return cos.to(dtype), sin.to(dtype)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -202,8 +201,8 @@ class LatentAttention(nn.Module):
         v = self._heads(F.linear(cv[:, 0], w_v, self.v_bias), self.num_kv_heads)
         pos = torch.arange(seen - held, seen, device=x.device)
         cos, sin = self._cos_sin(pos, q.dtype)
-        k = _rope(k, cos, sin)
-        q = _rope(q, cos[-q_len:], sin[-q_len:])
+        k = rotate(k, cos, sin)
+        q = rotate(q, cos[-q_len:], sin[-q_len:])
         return self._attend(q, k, v, mask)
 
     def _decoupled(self, x, q, position_embeddings, mask, cache):
@@ -227,7 +226,7 @@ class LatentAttention(nn.Module):
         idx_p = self.kept_dims[None, :, None, :].expand(b, h, q_len, kept)
         g_p = gain[self.kept_dims][None, :, None] if gain is not None else 1.0
         full.scatter_(3, idx_p, u_p * (scale if scale is not None else 1.0) * g_p)
-        k_p = _rope(full, cos, sin).gather(3, idx_p)  # [B, H, Q, kept]
+        k_p = rotate(full, cos, sin).gather(3, idx_p)  # [B, H, Q, kept]
         parts = [k_p.transpose(1, 2).reshape(b, q_len, h * kept)]
         if scale is not None:
             parts.append(scale[..., 0].transpose(1, 2))  # [B, Q, H]
@@ -237,7 +236,7 @@ class LatentAttention(nn.Module):
         s = keys[:, 0, :, h * kept:].transpose(1, 2)[..., None] if scale is not None else None  # [B, H, T, 1]
         lat = lat[:, 0]  # [B, T, r]
         g = self.num_heads // h
-        q_rot = _rope(q, cos, sin)
+        q_rot = rotate(q, cos, sin)
         q_idx = self.kept_dims.repeat_interleave(g, 0)[None, :, None].expand(b, -1, q_len, -1)
         r_idx = self.rest_dims.repeat_interleave(g, 0)[None, :, None].expand(b, -1, q_len, -1)
         q_p = q_rot.gather(3, q_idx)  # [B, Hq, Q, kept] rotated

@@ -5,7 +5,8 @@ requests still reading their prompts), then runs one decode step for every reque
 (continuous batching: a request joins the decode batch as soon as its prompt is read and leaves as soon
 as it finishes; nobody waits for anyone else to finish). Every request keeps its own cache, built from
 the server's cache spec; the decode step runs them together through
-:class:`~kvforge.serve.batch.BatchedCache`, and so do the prompt chunks read in one iteration.
+:class:`~kvforge.serve.batch.BatchedCache`, and so do the prompt chunks read in one iteration (the passes
+themselves are in :mod:`kvforge.serve.step`; the request types in :mod:`kvforge.serve.request`).
 
 Prompts are prefilled in chunks (``prefill_chunk`` tokens while others are decoding, so running streams
 keep flowing), starting after the longest prefix found in the prefix store; a block-aligned prefix of each
@@ -23,72 +24,20 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import _eos_ids, sample_next
+from .. import run
+from ..generate import _eos_ids
 from ..models import text_config
-from ..run import cache_kw
 from ..specs import cache_nbytes, parse_spec
 from ..state import KVState
-from .batch import BatchedCache
+from . import step
 from .metrics import Metrics
+from .request import Event, Overloaded, Request, RequestTooLarge, SamplingParams
 from .text import TextStream
 
-
-class Overloaded(RuntimeError):
-    """The wait queue is full: try again later (HTTP 503 with Retry-After)."""
-
-
-class RequestTooLarge(ValueError):
-    """A request that could never be admitted (its KV cache alone would pass the budget)."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
-class Event:
-    """What the engine tells a request's owner: new text, or the end (``finish_reason`` set), or an error."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict | None = None
-    error: str | None = None
-
-
-_ids = itertools.count(1)
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    id: int = field(default_factory=lambda: next(_ids))
-    # engine-side state
-    cache: object = None
-    seen: int = 0  # tokens fed to the cache
-    reserved: int = 0  # KV bytes reserved at admission
-    kv_bytes: int = 0  # KV bytes last measured
-    prefix_tokens: int = 0  # tokens taken from the prefix store
-    store_at: int | None = None
-    generated: list[int] = field(default_factory=list)
-    stream: TextStream | None = None
-    generator: torch.Generator | None = None
-    cancelled: bool = False
-    done: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
+__all__ = ["Engine", "Event", "Overloaded", "Request", "RequestTooLarge", "SamplingParams"]
 
 
 class Engine:
@@ -156,8 +105,7 @@ class Engine:
                     cache.layers[i].update(kv, kv.clone())
             except Exception:  # noqa: BLE001 - a cache whose layers want more than keys and values
                 cache = self.spec.build(self.model)
-                ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-                self.model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
+                run.prefill(self.model, torch.zeros(1, n, dtype=torch.long, device=self.device), cache, start=0)
             sizes.append((n, cache_nbytes(cache)))
         (n1, b1), (n2, b2) = sizes
         per_token = (b2 - b1) / max(1, n2 - n1) if n2 > n1 else b1 / n1
@@ -275,7 +223,7 @@ class Engine:
     def _prefill(self, pending: list[Request], budget: int) -> None:
         """Feed up to ``budget`` prompt tokens, in arrival order, to the requests reading their prompts.
 
-        Their chunks go through the model in one batched pass (:class:`BatchedCache`, left-padded), unless
+        Their chunks go through the model in one batched pass (:func:`kvforge.serve.step.prefill`), unless
         padding would cost more than the real tokens; a request whose prompt is read gets its first token.
         """
         rows: list[tuple[Request, int]] = []
@@ -298,22 +246,7 @@ class Engine:
             return
         sizes = [end - r.seen for r, end in rows]
         try:
-            if len(rows) > 1 and max(sizes) * len(rows) <= 2 * sum(sizes):
-                view = BatchedCache(self.model, [r.cache for r, _ in rows], [r.seen for r, _ in rows], sizes)
-                ids, pos = view.inputs([r.prompt_ids[:end] for r, end in rows], self.device)
-                out = self.model(input_ids=ids, **cache_kw(view), use_cache=True, position_ids=pos,
-                                 attention_mask=view.attention_mask(self.dtype, self.device), logits_to_keep=1)
-                logits = [out.logits[i : i + 1, -1] for i in range(len(rows))]
-                passes = 1
-            else:
-                passes = len(rows)
-                logits = []
-                for r, end in rows:
-                    ids = torch.tensor([r.prompt_ids[r.seen : end]], device=self.device)
-                    pos = torch.arange(r.seen, end, device=self.device)[None]
-                    out = self.model(input_ids=ids, **cache_kw(r.cache), use_cache=True, position_ids=pos,
-                                     logits_to_keep=1)
-                    logits.append(out.logits[:, -1])
+            logits, passes = step.prefill(self.model, rows, self.device, self.dtype)
         except Exception as e:  # noqa: BLE001 - the pass failed: its requests fail, the server goes on
             traceback.print_exc()
             for r, _ in rows:
@@ -366,16 +299,7 @@ class Engine:
         rows = [r for r in self.running if not r.done]
         if not rows:
             return
-        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
-        pos = torch.tensor([[r.seen] for r in rows], device=self.device)
-        if len(rows) == 1:  # alone: the request's own cache, exactly as kvforge.generate runs it
-            out = self.model(input_ids=ids, **cache_kw(rows[0].cache), use_cache=True, position_ids=pos, logits_to_keep=1)
-        else:
-            view = BatchedCache(self.model, [r.cache for r in rows], [r.seen for r in rows])
-            mask = view.attention_mask(self.dtype, self.device)
-            out = self.model(input_ids=ids, **cache_kw(view), use_cache=True, position_ids=pos,
-                             attention_mask=mask, logits_to_keep=1)
-        logits = out.logits[:, -1]
+        logits = step.decode(self.model, rows, self.device, self.dtype)
         self.metrics.inc("decode_steps_total")
         self.metrics.inc("decode_rows_total", len(rows))
         for i, r in enumerate(rows):
@@ -390,7 +314,7 @@ class Engine:
 
     def _sample(self, r: Request, logits: torch.Tensor) -> int:
         p = r.params
-        return int(sample_next(logits, p.temperature, p.top_p, r.generator)[0])
+        return int(run.sample_next(logits, p.temperature, p.top_p, r.generator)[0])
 
     def _accept(self, r: Request, token: int) -> None:
         r.generated.append(token)

@@ -10,10 +10,10 @@ A ``fuse`` translator (``with_mode(tr, "fuse")``, then ``train`` with ``mode="fu
 into the target's own prefill by a learned gate: ``tr.translate(..., own=target_state)``.
 """
 
+from ..rope import apply_rope, cos_sin, remove_rope
 from .align import Alignment, align
 from .layers import STRATEGIES, layer_map
 from .registry import load, shipped
-from .rope import apply_rope, cos_sin, remove_rope
 from .train import TrainConfig, TrainReport, train, with_mode
 from .translator import Translator, TranslatorConfig, TranslatorMismatchError, fit, identity, unrotated
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
 from .align import align
 from .layers import layer_map
-from .rope import apply_rope, cos_sin, remove_rope
 
 FORMAT = 1
 MODES = ("replace", "fuse")

@@ -1,0 +1,96 @@
+"""Calibration statistics for :func:`kvforge.mla.convert`: what the attention layers see on calibration text.
+
+:func:`calibrate` runs the model over calibration texts with hooks on every attention module and collects,
+per layer, the covariance of the input of ``k_proj``/``v_proj`` (which whitens the factorisation), the
+mean squared queries (which weigh key errors in the output-aware mode) and, for ``decoupled_rope``, how
+much each rotary frequency pair contributes to the scores. :func:`rotation_loss` says how much a pair's
+rotation matters at all (slow pairs barely rotate over a context).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rope import cos_sin
+from .attention import attention_modules
+
+
+@torch.no_grad()
+def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_stats: bool = False) -> dict:
+    """Per layer: ``cov`` (the input of k_proj/v_proj, float64 ``[hidden, hidden]``) and, with ``rope_stats``,
+    ``pair_score [H, D/2]``: mean ``|q_f| |k_f|`` per rotary frequency pair of each KV head (summed over its
+    query heads), the post-norm queries and keys the model attends with."""
+    attns = attention_modules(model)
+    stats = [{"cov": None, "n": 0, "pair": None, "q2": None} for _ in attns]
+    hooks = []
+
+    def q_out(i, width):
+        def hook(_mod, _args, out):
+            x = out.reshape(-1, width).double()
+            s = stats[i]
+            s["q2"] = (x * x).sum(0) if s["q2"] is None else s["q2"] + (x * x).sum(0)
+        return hook
+
+    def k_in(i):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            s = stats[i]
+            s["cov"] = x.T @ x if s["cov"] is None else s["cov"] + x.T @ x
+            s["n"] += x.shape[0]
+        return hook
+
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+
+    def grab(i, name):
+        def hook(_mod, _args, out):
+            captured.setdefault(i, {})[name] = out.detach()
+        return hook
+
+    for i, a in enumerate(attns):
+        hooks.append(a.k_proj.register_forward_pre_hook(k_in(i)))
+        # the queries the model attends with (after q_norm, before RoPE): output-aware key weights
+        q_mod = a.q_norm if getattr(a, "q_norm", None) is not None else a.q_proj
+        hooks.append(q_mod.register_forward_hook(q_out(i, a.q_proj.out_features)))
+        if rope_stats:
+            hooks.append((a.q_norm if getattr(a, "q_norm", None) is not None else a.q_proj).register_forward_hook(
+                grab(i, "q")))
+            hooks.append((a.k_norm if getattr(a, "k_norm", None) is not None else a.k_proj).register_forward_hook(
+                grab(i, "k")))
+    device = next(model.parameters()).device
+    tokens = 0
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(device)
+            captured.clear()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            tokens += ids.shape[1]
+            if rope_stats:
+                for i, a in enumerate(attns):
+                    d = a.head_dim
+                    q = captured[i]["q"].reshape(-1, a.q_proj.out_features // d, d).float()
+                    k = captured[i]["k"].reshape(-1, a.k_proj.out_features // d, d).float()
+                    half = d // 2
+                    qn = (q[..., :half] ** 2 + q[..., half:] ** 2).sqrt()  # [T, Hq, D/2]
+                    kn = (k[..., :half] ** 2 + k[..., half:] ** 2).sqrt()  # [T, H, D/2]
+                    g = qn.shape[1] // kn.shape[1]
+                    score = (qn.mean(0).view(kn.shape[1], g, half).sum(1)) * kn.mean(0)  # [H, D/2]
+                    stats[i]["pair"] = score if stats[i]["pair"] is None else stats[i]["pair"] + score
+    finally:
+        for h in hooks:
+            h.remove()
+    if tokens == 0:
+        raise ValueError("calibration needs at least one non-empty text")
+    out = {"cov": [s["cov"] / s["n"] for s in stats], "q2": [s["q2"] / s["n"] for s in stats], "tokens": tokens}
+    if rope_stats:
+        out["pair_score"] = [s["pair"] / len(texts) for s in stats]
+    return out
+
+
+def rotation_loss(model, layer: int, span: int = 2048) -> torch.Tensor:
+    """``1 - mean cos(theta_f * delta)`` over distances ``0..span`` per frequency pair ``[D/2]``: how much a
+    pair's rotation changes scores; near 0 for slow pairs, whose rotation can be dropped."""
+    attn = attention_modules(model)[layer]
+    kind = getattr(attn, "layer_type", None)
+    cos, _ = cos_sin(model, torch.arange(span), kind)
+    half = cos.shape[1] // 2
+    return 1 - cos[:, :half].mean(0)
