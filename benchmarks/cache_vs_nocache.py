@@ -14,19 +14,17 @@ text (``kvforge.texts.load_text("pydoc", "eval")``).
     python benchmarks/cache_vs_nocache.py                      # smollm2-135m; 64,256,1024 tokens; 32 new
     python benchmarks/cache_vs_nocache.py --prompt-lengths 128 --new-tokens 16 --threads 1
 
-Writes ``cache_vs_nocache-<model>.md`` and ``.json`` under ``--out`` (default ``benchmarks/results``).
+Each run writes a new folder under ``--out`` (default ``benchmarks/results``), named after its settings and
+never overwritten (``kvforge.results``): ``results.md`` and ``results.json`` (the run's metadata and rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
@@ -38,7 +36,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kvforge  # noqa: E402
 from kvforge import PreallocatedCache, generate, load_model  # noqa: E402
-from kvforge._compat import cache_kw
+from kvforge.results import Results, folder_name  # noqa: E402
+from kvforge.run import cache_kw, encode  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 
 PATHS = ["kvforge + PreallocatedCache", "kvforge + DynamicCache", "kvforge, no cache", "transformers generate"]
@@ -108,14 +107,15 @@ def measure(model, tok, ids, new_tokens: int, path: str, repeats: int) -> dict:
     return best
 
 
-def markdown(results: dict) -> str:
-    meta = results["meta"]
+def markdown(results: dict, meta: dict) -> str:
+    """The table of one run's ``results`` (``meta``: its :func:`kvforge.results.metadata`)."""
+    s = meta["settings"]
     lines = [
-        f"## KV cache vs no cache: {meta['model']}",
+        f"## KV cache vs no cache: {s['model']}",
         "",
-        f"{meta['new_tokens']} new tokens, greedy; torch {meta['torch']} on {meta['threads']} CPU thread(s); "
-        f"{meta['date']}. Decode = tokens/s after the first token; ratios are against the no-cache run of the same "
-        f"prompt length in this run. Cached paths: median of {meta['repeats']} runs; no-cache: 1 run.",
+        f"{s['new_tokens']} new tokens, greedy; torch {meta['torch']} on {meta['threads']} CPU thread(s); "
+        f"{meta['started']}. Decode = tokens/s after the first token; ratios are against the no-cache run of the same "
+        f"prompt length in this run. Cached paths: median of {s['repeats']} runs; no-cache: 1 run.",
         "",
         "| prompt tokens | path | first token (s) | decode tok/s | vs no cache | same tokens as no cache |",
         "|---:|---|---:|---:|---:|---|",
@@ -145,10 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
 
-    t_start = time.perf_counter()
+    settings = {"model": args.model, "prompt_lengths": lengths, "new_tokens": args.new_tokens,
+                "repeats": args.repeats}
+    name = folder_name("cache_vs_nocache", settings, args.model, "p" + "-".join(map(str, lengths)),
+                      f"n{args.new_tokens}", f"r{args.repeats}", f"t{torch.get_num_threads()}")
+    record = Results(args.out, name, settings)
     model, tok = load_model(args.model)
     text = load_text("pydoc", "eval")
-    all_ids = tok(text[: max(lengths) * 10], return_tensors="pt").input_ids
+    all_ids = encode(tok, text[: max(lengths) * 10])
     if all_ids.shape[1] < max(lengths):
         p.error(f"the text has only {all_ids.shape[1]} tokens")
 
@@ -173,25 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {n:>5} tokens  {path:<28} {r['decode_tps']:8.1f} tok/s  "
                   f"{r['decode_tps'] / base['decode_tps']:6.1f}x  same={same}", file=sys.stderr)
 
-    results = {
-        "meta": {
-            "model": args.model, "fingerprint": kvforge.fingerprint(model), "new_tokens": args.new_tokens,
-            "prompt_lengths": lengths, "repeats": args.repeats, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "kvforge": kvforge.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": round(time.perf_counter() - t_start, 1),
-        },
-        "rows": rows,
-        "kvforge_paths_agree": agree_all,
-    }
-    md = markdown(results)
+    results = {"fingerprint": kvforge.fingerprint(model), "rows": rows, "kvforge_paths_agree": agree_all}
+    md = markdown(results, record.meta)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cache_vs_nocache-{args.model.replace('/', '_')}"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {stem}.md and {stem}.json ({results['meta']['seconds']}s)", file=sys.stderr)
+    record.write_table(md, **results)
+    record.announce()
     if not agree_all:
         print("warning: the kvforge paths picked different greedy tokens", file=sys.stderr)
     return 0

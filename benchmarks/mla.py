@@ -14,27 +14,29 @@ prefill's freed blocks).
     python benchmarks/mla.py                                     # smollm2-135m
     python benchmarks/mla.py --finetuned DIR                     # add a fine-tuned directory's row
     python benchmarks/mla.py --configs decoupled_rope:4 --speed-only --name mla-speed-smollm2-135m  # speed only
+
+Each run writes a new folder under ``--out`` (default benchmarks/results), named ``--name`` (default
+``mla-MODEL``) plus its settings and never overwritten (``kvforge.results``): ``results.md`` and
+``results.json`` (the run's metadata, rows, composed rows and speed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
 
 import torch  # noqa: E402
 
-from kvforge import generate, load_model  # noqa: E402
-from kvforge._compat import cache_kw  # noqa: E402
+from kvforge import generate, load_model, run  # noqa: E402
 from kvforge.eval import perplexity  # noqa: E402
-from kvforge.eval.common import token_windows  # noqa: E402
 from kvforge.mla import compression, convert  # noqa: E402
+from kvforge.results import Results, folder_name  # noqa: E402
+from kvforge.run import token_windows  # noqa: E402
 from kvforge.texts import load_text, text_pieces  # noqa: E402
 
 # (method, ratio, rotary pairs kept per KV head for decoupled_rope; None: the default, head_dim / 16)
@@ -80,13 +82,11 @@ def _mib(n: int | None) -> str:
 def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: int = 8) -> list[dict]:
     """Per context length: ms per decode step, absorbed vs decompressing; then the extra peak memory of
     one step of each (:func:`extra_peak_bytes`)."""
-    from transformers import DynamicCache
 
     def steps_from(cache, n: int, count: int) -> None:
         tok = ids[:, n:n + 1]
         for i in range(count):
-            model(input_ids=tok, **cache_kw(cache), use_cache=True, logits_to_keep=1,
-                  position_ids=torch.tensor([[n + i]]))
+            run.forward(model, tok, cache, start=n + i, logits_to_keep=1)
         for layer in cache.layers:  # drop the decode steps' tokens again
             layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
 
@@ -96,9 +96,8 @@ def decode_speed(model, ids: torch.Tensor, lengths=(1024, 4096, 8192), steps: in
 
     rows, caches = [], {}
     for n in lengths:
-        cache = caches[n] = DynamicCache(config=model.config)
-        for s in range(0, n, 512):  # chunked prefill bounds the attention scores' memory
-            model(input_ids=ids[:, s:min(n, s + 512)], **cache_kw(cache), use_cache=True, logits_to_keep=1)
+        cache = caches[n] = run.new_cache(model, "dynamic")
+        run.prefill(model, ids[:, :n], cache, chunk_size=512)  # chunked: bounds the attention scores' memory
         row = {"context": n}
         for absorb in (True, False):
             set_absorb(absorb)
@@ -152,8 +151,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-combos", action="store_true", help="skip MLA + quantization")
     ap.add_argument("--speed-only", action="store_true", help="only the decode timing, on the first config")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--name", help="results file stem (default mla-MODEL)")
+    ap.add_argument("--name", help="results folder name, before its settings (default mla-MODEL)")
     args = ap.parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    name = folder_name(args.name or f"mla-{args.model}", settings, f"w{args.windows}",
+                      f"cal{args.calibration_pieces}", "speed-only" if args.speed_only else None)
+    record = Results(args.out, name, settings)
     torch.manual_seed(0)
     base, tok = load_model(args.model)
     configs = CONFIGS if not args.configs else [] if args.configs == "none" else [
@@ -239,12 +242,8 @@ def main(argv=None) -> int:
                          f"{_mib(d['extra_peak_bytes'])} |")
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"mla-{args.model}"
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps({"rows": rows, "combos": combos, "speed": speed, "torch_threads":
-                                                       torch.get_num_threads(), "created": datetime.now(UTC).isoformat(
-                                                           timespec="seconds")}, indent=1, default=str))
+    record.write_table(text, rows=rows, combos=combos, speed=speed)
+    record.announce()
     return 0
 
 

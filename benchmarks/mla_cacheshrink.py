@@ -38,9 +38,11 @@ cacheshrink's calibration activations for one capture point are collected once a
 
     python benchmarks/mla_cacheshrink.py                       # smollm2-135m, 2x/4x/8x, ~20-30 min on 2 cores
     python benchmarks/mla_cacheshrink.py --ratios 1 --windows 1   # the patches' exactness check
-    python benchmarks/mla_cacheshrink.py --render benchmarks/results/mla-cacheshrink-smollm2-135m.json
+    python benchmarks/mla_cacheshrink.py --render benchmarks/results/mla-cacheshrink-smollm2-135m_.../results.json
 
-Writes ``mla-cacheshrink-<model>.md`` and ``.json`` under ``--out`` (default benchmarks/results).
+Each run writes a new folder under ``--out`` (default benchmarks/results), named after its settings and never
+overwritten (``kvforge.results``): ``results.json`` and ``results.md``, rewritten after every row within the
+run's own folder (a run cut short keeps what it measured).
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ import time
 import traceback
 import types
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
@@ -66,11 +67,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kvforge import load_model  # noqa: E402
+from kvforge import load_model, run  # noqa: E402
 from kvforge.eval import perplexity  # noqa: E402
-from kvforge.eval.common import token_windows  # noqa: E402
 from kvforge.mla import compression, convert  # noqa: E402
 from kvforge.models import resolve  # noqa: E402
+from kvforge.results import Results, folder_name  # noqa: E402
+from kvforge.run import token_windows  # noqa: E402
 from kvforge.texts import load_text, text_pieces  # noqa: E402
 
 
@@ -81,12 +83,8 @@ def _err(e: BaseException) -> str:
 @torch.inference_mode()
 def kv_numbers_per_token(model, ids: torch.Tensor) -> tuple[int, str]:
     """Numbers the cache holds per token after a prefill of ``ids`` (all layers, keys and values), and dtype."""
-    from transformers import DynamicCache
-
-    from kvforge._compat import cache_kw
-
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
+    cache = run.new_cache(model, "dynamic")
+    run.prefill(model, ids, cache)
     n, dtypes = 0, set()
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
@@ -238,7 +236,7 @@ def render(meta: dict) -> str:
     lines += ["", "Lowest perplexity at the same bytes, kvforge joint against the best cacheshrink row that keeps a past: "
               + "; ".join(verdicts) + ".", "",
               f"cacheshrink {meta['cacheshrink_version']}, method `{meta['cacheshrink_method']}` (its default), on "
-              f"transformers {meta.get('transformers_version', '?')}; kvforge method `joint`. Run-time patches "
+              f"transformers {meta.get('transformers') or meta.get('transformers_version', '?')}; kvforge method `joint`. Run-time patches "
               "(monkeypatches from this script, see its docstring):",
               "- `cache arg`: transformers 5.24 hands attention the cache as `cache=`, cacheshrink's adapter reads "
               "`past_key_values`, so as published its cache stays empty (0 numbers per token) and every 32-token "
@@ -256,7 +254,8 @@ def render(meta: dict) -> str:
               "",
               "Fine-tuning (cacheshrink's `MLATrainer`) not compared: not run here (shared 2-core CPU; kvforge's own "
               "distillation needs about an hour on it).",
-              f"Run time {meta['seconds'] / 60:.1f} min, {meta['torch_threads']} torch threads, {meta['created']}."]
+              f"Run time {meta['seconds'] / 60:.1f} min, {meta.get('threads', meta.get('torch_threads'))} torch threads, "
+              f"{meta.get('started') or meta.get('created')}."]
     if meta.get("note"):
         lines.append(meta["note"])
     return "\n".join(lines)
@@ -284,7 +283,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    t_start = time.perf_counter()
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")}
+    name = folder_name(f"mla-cacheshrink-{args.model}", settings, "r" + args.ratios.replace(",", "-"),
+                      args.method, f"w{args.windows}", f"cal{args.calibration_pieces}")
+    record = Results(args.out, name, settings)
     import cacheshrink
 
     base, tok = load_model(args.model)
@@ -295,20 +297,16 @@ def main(argv=None) -> int:
     probe = windows[0][:, :64]
     full, _ = kv_numbers_per_token(base, probe)
     rows: list[dict] = []
-    import transformers
 
     def save() -> str:
-        """Write the JSON and the table so far (after every row: a run cut short keeps what it measured)."""
-        meta = {"model": args.model, "rows": rows, "cacheshrink_version": cacheshrink.__version__,
-                "cacheshrink_method": args.method, "transformers_version": transformers.__version__,
-                "datasets_import_error": offline_error, "windows": args.windows, "calibration_pieces": len(cal),
-                "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start,
-                "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"mla-cacheshrink-{args.model}"
-        stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
-        text = render(meta)
-        stem.with_suffix(".md").write_text(text + "\n")
+        """Write the JSON and the table so far, into this run's folder (after every row: a run cut short keeps
+        what it measured)."""
+        written = record.write_json("results.json", {
+            "model": args.model, "rows": rows, "cacheshrink_version": cacheshrink.__version__,
+            "cacheshrink_method": args.method, "datasets_import_error": offline_error, "windows": args.windows,
+            "calibration_pieces": len(cal)})
+        text = render(json.loads(written.read_text()))  # the table of what was written, as --render makes it
+        record.write_text("results.md", text)
         return text
 
     offline_error = datasets_importable()
@@ -394,6 +392,7 @@ def main(argv=None) -> int:
             run_cacheshrink(ratio, "patched + normalised calibration", True)
             save()
     print(save())
+    record.announce()
     return 0
 
 

@@ -10,8 +10,9 @@ greedy agreement / KL against a DynamicCache. Bytes: what each cache holds at th
     python benchmarks/quant.py                         # smollm2-135m, ~15 min on 2 CPU cores
     python benchmarks/quant.py --caches kvforge-quant:preset=safe,tiny-turboquant:preset=safe --no-agree
 
-Writes ``quant-<model>.md`` and ``.json`` under ``--out`` (default benchmarks/results) plus the results
-folder of the quality run (with its quality-vs-bytes plot).
+Each run writes a new folder under ``--out`` (default benchmarks/results), named after its settings and never
+overwritten (``kvforge.results``): ``results.md``, ``results.json`` and, inside it, the results folder of the
+quality run (``kvforge bench``'s, with its quality-vs-bytes plot).
 """
 
 from __future__ import annotations
@@ -19,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
 
 import torch  # noqa: E402
 
-from kvforge import load_model  # noqa: E402
-from kvforge._compat import cache_kw  # noqa: E402
+from kvforge import load_model, run  # noqa: E402
 from kvforge.eval.bench import BenchSettings, run_bench  # noqa: E402
 from kvforge.models import text_config  # noqa: E402
-from kvforge.specs import build_cache, cache_nbytes, parse_spec, split_specs  # noqa: E402
+from kvforge.results import Results, folder_name  # noqa: E402
+from kvforge.specs import cache_nbytes, parse_spec, split_specs  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 
 DEFAULT = ",".join([
@@ -49,18 +48,13 @@ DEFAULT = ",".join([
 def decode_speed(model, ids: torch.Tensor, spec: str, new_tokens: int, repeats: int = 2) -> dict:
     """ms per greedy decode step after prefilling ``ids`` into a fresh cache (best of ``repeats``)."""
     best, held, tokens = None, 0, []
+    n = ids.shape[1]
     for _ in range(repeats):
-        cache = build_cache(spec, model)
-        n = ids.shape[1]
-        out = model(input_ids=ids, **cache_kw(cache), use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks = [nxt.item()]
+        cache = run.new_cache(model, spec)
+        logits = run.prefill(model, ids, cache)
         t = time.perf_counter()
-        for i in range(new_tokens - 1):
-            pos = torch.tensor([[n + i]], device=ids.device)
-            out = model(input_ids=nxt, **cache_kw(cache), use_cache=True, position_ids=pos)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(nxt.item())
+        # new_tokens greedy picks, new_tokens - 1 decode steps (the last pick is not fed back)
+        toks = run.decode(model, cache, logits, new_tokens)[0][0].tolist()
         step = (time.perf_counter() - t) / (new_tokens - 1)
         best = step if best is None else min(best, step)
         held, tokens = cache_nbytes(cache), toks
@@ -81,23 +75,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
 
     caches = list(dict.fromkeys(["dynamic", *split_specs(args.caches)]))
     for c in caches:
         parse_spec(c)
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"caches": caches}
+    name = folder_name("quant", settings, args.model, f"w{args.windows}", f"{len(caches)}caches",
+                      "no-speed" if args.no_speed else f"p{args.prompt}+{args.new_tokens}",
+                      "no-agree" if args.no_agree else None, f"t{torch.get_num_threads()}")
+    record = Results(args.out, name, settings)
     model, tok = load_model(args.model)
     tc = text_config(model)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     fp16_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * 2
 
     metrics = ["ppl"] if args.no_agree else ["ppl", "agree"]
+    # the quality run's own results folder goes inside this run's
     folder = run_bench(BenchSettings(model=args.model, caches=caches, metrics=metrics, windows=args.windows),
-                       out_root=args.out, model=model, tokenizer=tok)
+                       out_root=record.folder, model=model, tokenizer=tok)
     quality = {r["cache"]: r for r in json.loads((folder / "results.json").read_text())["results"]}
 
     speed: dict[str, dict] = {}
     if not args.no_speed:
-        ids = tok(load_text("pydoc", "eval"), return_tensors="pt").input_ids[:, : args.prompt]
+        ids = run.encode(tok, load_text("pydoc", "eval"))[:, : args.prompt]
         for spec in caches:
             if "skipped" in quality.get(str(parse_spec(spec)), {}):
                 continue
@@ -151,15 +153,13 @@ def main(argv=None) -> int:
             f"| {r['cache']} | {r['ppl']:.3f} | {100 * r['dppl']:+.2f}% | {f(r.get('agree') and 100 * r['agree'], '.1f')}% "
             f"| {f(r.get('kl'), '.4f')} | {r['bytes_1k']:,.0f} | {r['x_fp16_1k']:.2f}x | {f(r.get('bytes_2k'), ',.0f')} "
             f"| {f(r.get('x_fp16_2k'), '.2f')}x | {f(r.get('ms'), '.1f')} | {f(r.get('x_time'), '.2f')}x |")
-    meta = {"model": args.model, "created": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "quality_folder": str(folder),
-            "fp16_bytes_per_token": fp16_per_token}
-    lines += ["", f"torch {meta['torch']}, {meta['threads']} threads, {meta['created']}; quality run: `{folder}`"]
+    meta = record.meta
+    quality_folder = record.relative(folder)
+    lines += ["", f"torch {meta['torch']}, {meta['threads']} threads, {meta['started']}; quality run: `{quality_folder}`"]
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"quant-{args.model}.md").write_text(text + "\n")
-    (args.out / f"quant-{args.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    record.write_table(text, rows=rows, quality_folder=quality_folder, fp16_bytes_per_token=fp16_per_token)
+    record.announce()
     return 0
 
 

@@ -16,7 +16,8 @@ clients (``/v1/completions``, greedy, ``max_tokens`` new tokens each):
     python benchmarks/serve.py                                  # ~15 min on 2 CPU cores
     python benchmarks/serve.py --requests 8 --soak-seconds 30   # a quick look
 
-Writes ``serve-<model>.md`` and ``.json`` under ``--out`` (default benchmarks/results).
+Each run writes a new folder under ``--out`` (default benchmarks/results), named after its settings and never
+overwritten (``kvforge.results``): ``results.md`` and ``results.json``.
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
 
 import httpx  # noqa: E402
 
+from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.specs import split_specs  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 
@@ -235,6 +235,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     threads = ["--threads", str(args.server_threads)] if args.server_threads else []
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    name = folder_name(f"serve-{args.model}", settings, f"{len(split_specs(args.caches))}caches",
+                      f"r{args.requests}x{args.prompt_tokens}+{args.max_tokens}",
+                      "c" + args.concurrency.replace(",", "-"), f"soak{args.soak_seconds:g}s")
+    record = Results(args.out, name, settings)
 
     from transformers import AutoTokenizer
 
@@ -248,9 +253,7 @@ def main(argv=None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     specs = split_specs(args.caches)
     budget = _bytes(args.max_kv_bytes)
-    result = {"model": args.model, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "settings": vars(args) | {"out": str(args.out)},
-              "runs": {}, "prefix": {}, "soak": None}
+    result = {"model": args.model, "runs": {}, "prefix": {}, "soak": None}
 
     for spec in specs:
         print(f"== {spec}", flush=True)
@@ -288,19 +291,17 @@ def main(argv=None) -> int:
         print(f"  sent {s['sent']}, completed {s['completed']}, failed {s['failed']}, peak KV {mib(s['peak_kv_bytes'])}, "
               f"RSS {mib(s['baseline_rss'])} -> peak {mib(s['peak_rss'])}", flush=True)
 
-    md = render(result)
+    md = render(result, record.meta)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-{args.model}"
-    stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {stem}.md and .json")
+    record.write_table(md, **result)
+    record.announce()
     return 0
 
 
-def render(r: dict) -> str:
-    s = r["settings"]
-    lines = [f"# kvforge serve on {r['model']} ({r['machine']}, {r['date']})", "",
+def render(r: dict, meta: dict) -> str:
+    """The tables of one run's results ``r`` (``meta``: its :func:`kvforge.results.metadata`)."""
+    s, m = meta["settings"], meta["machine"]
+    lines = [f"# kvforge serve on {r['model']} ({m['platform']}, {m['cpu_count']} CPUs, {meta['started']})", "",
              f"{s['requests']} streaming completions of {s['prompt_tokens']} prompt tokens and up to {s['max_tokens']} "
              "greedy tokens each; 1 client = the same requests served one at a time.", "",
              "| cache | clients | tokens/s | vs one at a time | TTFT p50 | TTFT p95 | per token p50 | per token p95 | failed |",

@@ -8,23 +8,25 @@ translated context (control), and no context (lower bound). "Gap recovered" =
 
     python benchmarks/translate.py                                      # smollm2-135m -> gemma3-270m
     python benchmarks/translate.py --source gemma3-270m --target smollm2-135m
+
+Each run writes a new folder under ``--out`` (default benchmarks/results), named after its settings and never
+overwritten (``kvforge.results``): ``results.md`` and ``results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("KVFORGE_QUIET", "1")
 
 import torch  # noqa: E402
 
-from kvforge import load_model  # noqa: E402
+from kvforge import load_model, run  # noqa: E402
+from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, fit  # noqa: E402
@@ -43,10 +45,7 @@ def open_question_states(tr, src, s_tok, tgt, t_tok, ctx: str, own, translated) 
     """The seed's open questions as pasts to continue from, each ``(state, last token)``: only some layers
     translated (the others the target's own), a context whose first half comes from the source and second
     half from the target reading on top of it, and only the last few tokens of the context."""
-    from transformers import DynamicCache  # noqa: F401 - to_cache builds one
-
     from kvforge import KVState
-    from kvforge._compat import cache_kw
 
     t_ids = t_tok(ctx, return_tensors="pt").input_ids[0]
     n = len(t_ids) - 1  # the past: the context minus its last token
@@ -59,7 +58,7 @@ def open_question_states(tr, src, s_tok, tgt, t_tok, ctx: str, own, translated) 
                              sliding_window=own.sliding_window, num_model_layers=layers), t_ids[-1])
     h = n // 2
     cache = translated[:h].to_cache(tgt)
-    tgt(input_ids=t_ids[None, h:n], **cache_kw(cache), use_cache=True, position_ids=torch.arange(h, n)[None])
+    run.prefill(tgt, t_ids[None, h:n], cache, start=h)  # the target reads the second half on top
     out[OPEN[3]] = (KVState.from_cache(cache, tgt, t_ids[None, :n]), t_ids[-1])
     for m in SHORT:
         piece = t_tok.decode(t_ids[-m:], skip_special_tokens=True)
@@ -99,13 +98,6 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
             best = cur if not best or t_src + t_tr < best["source_prefill"] + best["translate"] else best
         rows.append(best)
     return rows
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
-    except ValueError:
-        return str(path)
 
 
 def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int) -> dict:
@@ -160,6 +152,12 @@ def main(argv=None) -> int:
     ap.add_argument("--save", type=Path, help="save the fitted translator here")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    name = folder_name(f"translate-{args.source}-to-{args.target}", settings,
+                      "shipped" if args.shipped else "loaded" if args.translator else args.strategy,
+                      f"e{args.eval_pieces}x{args.context_chars}+{args.score_tokens}",
+                      f"qa{args.qa_items}")
+    record = Results(args.out, name, settings)
 
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
@@ -189,7 +187,7 @@ def main(argv=None) -> int:
     opens = {} if args.no_open_questions else {k: [0.0, 0] for k in OPEN}
     times = {"source_prefill": 0.0, "translate": 0.0, "target_prefill": 0.0}
     buckets = {k: [[0.0, 0] for _ in BUCKETS] for k in conds}
-    bos = t_tok("", return_tensors="pt").input_ids[0]
+    bos = torch.tensor(run.prompt_prefix(t_tok), dtype=torch.long)  # what the target's prompts start with
     none_state = prefill_state(tgt, bos) if len(bos) else None
     for i, ctx in enumerate(ctxs):
         # the continuation: the text after this context (the next piece), in target tokens
@@ -250,7 +248,7 @@ def main(argv=None) -> int:
         + (f" + {tr.config.trained_steps} KL-distillation steps" if tr.config.trained_steps else "")
         + f"; strategy {tr.config.strategy}, "
         f"k={tr.config.k}, fitted on {tr.config.tokens_fitted:,} target tokens"
-        + (f", loaded from {_rel(args.translator)})" if args.translator else f" in {fit_s:.0f}s)"),
+        + (f", loaded from {record.relative(args.translator)})" if args.translator else f" in {fit_s:.0f}s)"),
         "",
         f"{len(ctxs)} held-out contexts of ~{args.context_chars} characters from the eval split; the next "
         f"{args.score_tokens} target tokens scored.",
@@ -297,12 +295,9 @@ def main(argv=None) -> int:
                     for k, v in open_ppl.items()]]
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"translate-{args.source}-to-{args.target}"
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"ppl": ppl, "gap": gap, "qa": qa_res, "open_questions": open_ppl, "times": times, "buckets": bucket_ppl, "bucket_gap": bucket_gap, "ttft": speed, "config": tr.config.__dict__, "fit_seconds": fit_s,
-         "created": datetime.now(UTC).isoformat(timespec="seconds")}, indent=1, default=str))
+    record.write_table(text, ppl=ppl, gap=gap, qa=qa_res, open_questions=open_ppl, times=times, buckets=bucket_ppl,
+                    bucket_gap=bucket_gap, ttft=speed, config=tr.config.__dict__, fit_seconds=fit_s)
+    record.announce()
     return 0
 
 

@@ -2,20 +2,17 @@
 
 The results folder is named after the settings (model, windows, lengths, and a short hash of the full
 settings including the cache list) and is never overwritten: a second run with the same settings gets
-a ``-2`` suffix. It holds ``results.json``, ``results.md`` and PNG plots.
+a ``-2`` suffix (:mod:`kvforge.results`, shared with the scripts in ``benchmarks/``). It holds
+``results.json`` (the run's metadata, settings and rows), ``results.md`` and PNG plots.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
+from ..results import Results, settings_digest
 from ..specs import CacheUnavailableError, parse_spec
 from .agreement import agreement, default_prompts
 from .common import token_windows
@@ -61,20 +58,9 @@ class BenchSettings:
                                  "the output of `kvforge mla convert`/`finetune`")
 
     def folder_name(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        digest = settings_digest(asdict(self))
         model = Path(self.model).name if "/" in self.model else self.model
         return f"{model}_w{self.windows}x{self.context}+{self.score}_k{self.chunk}_{len(self.caches)}caches_{digest}"
-
-
-def new_results_dir(root: str | Path, name: str) -> Path:
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    path, i = root / name, 1
-    while path.exists():
-        i += 1
-        path = root / f"{name}-{i}"
-    path.mkdir()
-    return path
 
 
 def _variant(path: str, base):
@@ -99,6 +85,8 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
     from .report import write_report
 
     settings.validate()
+    # the metadata is taken now (start time, command line); the folder is made when the results are written
+    record = Results(out_root, settings.folder_name(), asdict(settings))
     if model is None:
         model, tokenizer = load_model(settings.model)
     text = load_text(settings.text, settings.split)
@@ -141,14 +129,5 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
             row["error"] = f"{type(e).__name__}: {e}"
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-    out = new_results_dir(out_root, settings.folder_name())
-    meta = {
-        "settings": asdict(settings),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-    }
-    write_report(out, meta, rows)
-    return out
+    return write_report(record, rows)
 

@@ -1,14 +1,16 @@
-"""Results folders: ``results.json``, a markdown table and PNG plots."""
+"""Results folders: ``results.json``, a markdown table and PNG plots (the folder and the metadata come
+from :mod:`kvforge.results`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..results import Results  # noqa: E402
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
@@ -52,9 +54,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=1, default=str))
-    s = meta["settings"]
+def write_report(res: Results, rows: list[dict]) -> Path:
+    """``results.json`` (the run's metadata, settings and rows), ``results.md`` and the plots into the run's
+    new folder; returns the folder."""
+    res.write_json("results.json", {"results": rows})
+    meta, s = res.meta, res.meta["settings"]
     md = [
         f"# kvforge bench: {s['model']}",
         "",
@@ -66,12 +70,14 @@ def write_report(out: Path, meta: dict, rows: list[dict]) -> None:
         "",
         markdown_table(rows),
         "",
-        f"torch {meta['torch']}, {meta['threads']} threads, {meta['created']}",
+        f"kvforge {meta['kvforge']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"{meta['threads']} threads, started {meta['started']}; `{meta['command']}`",
     ]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    plot_quality_vs_bytes(rows, out / "quality_vs_bytes.png")
+    res.write_text("results.md", "\n".join(md))
+    plot_quality_vs_bytes(rows, res.path("quality_vs_bytes.png"))
     if any("needle" in r for r in rows):
-        plot_needle([r for r in rows if "needle" in r], out / "needle_heatmap.png")
+        plot_needle([r for r in rows if "needle" in r], res.path("needle_heatmap.png"))
+    return res.folder
 
 
 def plot_quality_vs_bytes(rows: list[dict], path: Path) -> None:
