@@ -186,7 +186,9 @@ def test_hf_quantized_builds_when_optimum_quanto_is_installed(tiny_llama):
     assert parse_spec("hf-quantized").available() == (True, "")
     # the tiny model's head_dim is 16, so quantize in groups of 16
     cache = build_cache("hf-quantized:q_group_size=16,residual_length=16", model)
-    assert type(cache).__name__ == "QuantizedCache"
+    from transformers import QuantizedCache
+
+    assert isinstance(cache, QuantizedCache)
     res = generate(model, tok, CONTEXT, max_new_tokens=8, cache=cache, stop_at_eos=False)
     assert len(res.token_ids) == 8 and cache.get_seq_length() == len(CONTEXT) + 1 + 8 - 1
 

@@ -87,8 +87,9 @@ def generate(
             raise ValueError("a KV state can only be continued with use_cache=True")
         cache = state.to_cache(model, cache)
         prefix = state.token_ids.to(device)
+        start = state.next_position  # a sliced state's tokens need not sit at positions 0..n-1
     else:
-        prefix = ids[:, :0]
+        prefix, start = ids[:, :0], 0
         if use_cache and cache is None:
             cache = run.new_cache(model)
     if ids.shape[1] == 0:
@@ -108,9 +109,9 @@ def generate(
         if max_new_tokens == 0:
             new = []
         elif use_cache:
-            logits = run.prefill(model, ids, cache, start=prefix.shape[1])
+            logits = run.prefill(model, ids, cache, start=start)
             tokens, _ = run.decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
-                                   generator=generator, eos=eos, on_token=on_token)
+                                   generator=generator, eos=eos, start=start + ids.shape[1], on_token=on_token)
             new = tokens[0].tolist()
         else:  # the quadratic baseline: every step re-reads the whole sequence
             new, seq = [], torch.cat([prefix, ids], dim=1)

@@ -104,6 +104,12 @@ class KVLayer(CacheLayerMixin):
     kind: ClassVar[str] = "dense"
     is_compileable = False
     is_croppable = True
+    record_past = False  # transformers' switch for rollback (assisted decoding): keep what a window would drop
+
+    def activate_past_recording(self) -> None:
+        """Keep tokens a sliding window would drop until the next ``crop`` (transformers calls this before
+        assisted decoding, which crops rejected draft tokens)."""
+        self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:
         if not self.is_initialized:
@@ -111,9 +117,13 @@ class KVLayer(CacheLayerMixin):
         n = crop_amount(tokens_to_remove, self.get_seq_length())
         if n:
             self._remove_last(n)
+        self._restrict()
 
     def _remove_last(self, n: int) -> None:
         raise NotImplementedError
+
+    def _restrict(self) -> None:
+        """After a ``crop``: drop what the layer no longer needs (a sliding window's old tokens)."""
 
     def export_state(self) -> LayerState:
         raise NotImplementedError

@@ -172,12 +172,12 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 @torch.inference_mode()
 def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-           generator=None, eos: Iterable[int] = (), forced: torch.Tensor | None = None,
+           generator=None, eos: Iterable[int] = (), forced: torch.Tensor | None = None, start: int | None = None,
            on_token: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode after a prefill whose last ``logits`` ``[batch, vocab]`` predict the first new token.
 
     Each step picks a token (``forced[:, i]`` when given: teacher forcing) and feeds it back through the
-    cache. Stops after ``max_new_tokens`` or when every row has produced a token of ``eos``; the last pick
+    cache at the next absolute position (from ``start``, default: the tokens the cache has seen). Stops after ``max_new_tokens`` or when every row has produced a token of ``eos``; the last pick
     is not fed through the model (nothing reads its logits). Returns ``(tokens [batch, m],
     log_probs [batch, m, vocab])``, the log-probabilities each pick was made from (float32).
     """
@@ -186,6 +186,7 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperatu
     eos = set(eos)
     tokens, logps = [], []
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    pos = cache.get_seq_length() if start is None else start
     for i in range(max_new_tokens):
         logps.append(F.log_softmax(logits.float(), -1))
         nxt = forced[:, i].to(logits.device) if forced is not None else sample_next(logits, temperature, top_p, generator)
@@ -196,7 +197,8 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperatu
             done |= torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device))
         if i == max_new_tokens - 1 or bool(done.all()):
             break
-        logits = forward(model, nxt[:, None], cache, logits_to_keep=1).logits[:, -1]
+        logits = forward(model, nxt[:, None], cache, start=pos, logits_to_keep=1).logits[:, -1]
+        pos += 1
     if not tokens:
         empty = logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
         return empty, logits.new_zeros(logits.shape[0], 0, logits.shape[-1]).float()

@@ -9,6 +9,7 @@ is *unavailable* (with the reason), not unknown.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ class CacheUnavailableError(RuntimeError):
     """A known cache spec whose backing package is not installed."""
 
 
+class CacheNotRestorableError(ValueError):
+    """A cache spec whose exported states cannot be imported back to continue exactly."""
+
+
 @dataclass(frozen=True)
 class CacheKind:
     name: str
@@ -33,6 +38,7 @@ class CacheKind:
     description: str
     requires: tuple[str, ...] = ()  # importable modules needed
     hint: str = ""  # how to install them
+    restorable: bool = True  # an exported state imports back into a fresh cache and continues exactly
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if not _importable(m)]
@@ -48,18 +54,27 @@ def _importable(module: str) -> bool:
 _REGISTRY: dict[str, CacheKind] = {}
 
 
-def register(name: str, defaults: dict[str, Any], description: str, requires=(), hint: str = ""):
-    """Decorator registering ``fn(model, **params) -> Cache`` under spec name ``name``."""
+def register(name: str, defaults: dict[str, Any] | type, description: str, requires=(), hint: str = "",
+             restorable: bool = True):
+    """Decorator registering ``fn(model, **params) -> Cache`` under spec name ``name``.
+
+    ``defaults`` is a dict of parameter defaults or a dataclass whose fields are the parameters (a
+    setting is then declared once, in that dataclass). ``restorable=False`` declares that a state
+    exported from this cache cannot be imported back to continue exactly (a peer whose codes are not
+    public, a diagnostic): the server's prefix store refuses such a spec at start-up.
+    """
+    if isinstance(defaults, type) and dataclasses.is_dataclass(defaults):
+        defaults = {f.name: f.default for f in dataclasses.fields(defaults)}
 
     def wrap(fn):
-        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint)
+        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint, restorable)
         return fn
 
     return wrap
 
 
 def _ensure_registered() -> None:
-    from ._capabilities import load_capabilities
+    from ._capabilities import load_capabilities  # the built-in caches (kvforge.cache) register there too
 
     load_capabilities()
 
@@ -88,6 +103,16 @@ class CacheSpec:
         if missing:
             return False, f"needs {', '.join(missing)}" + (f" ({self.kind.hint})" if self.kind.hint else "")
         return True, ""
+
+    def check_restorable(self, purpose: str = "this use") -> None:
+        """Raise :class:`CacheNotRestorableError` (naming the spec) unless its exported states continue exactly
+        after an import into a fresh cache of the same spec."""
+        if not self.kind.restorable:
+            raise CacheNotRestorableError(
+                f"cache spec {self} cannot be used for {purpose}: a state exported from it does not continue "
+                "exactly after it is imported again (its codes are not exported, or it is a diagnostic); "
+                "use 'dynamic' or 'kvforge-quant' instead"
+            )
 
     def build(self, model):
         ok, why = self.available()
@@ -215,69 +240,3 @@ def cache_nbytes(cache) -> int:
 
     visit(cache, -1)
     return total
-
-
-# ---------------------------------------------------------------------------- built-in specs
-@register("dynamic", {}, "transformers DynamicCache (full precision; sliding layers keep their window)")
-def _dynamic(model):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-@register("preallocated", {"max_seq_len": 4096}, "kvforge's pre-allocated reference cache (fixed capacity)")
-def _preallocated(model, max_seq_len):
-    from .cache import PreallocatedCache
-
-    return PreallocatedCache(model, max_seq_len)
-
-
-@register(
-    "hf-quantized",
-    {"backend": "quanto", "nbits": 4, "q_group_size": 64, "residual_length": 128},
-    "transformers' QuantizedCache (quanto or hqq backend; full-attention models only)",
-    requires=("optimum.quanto",),
-    hint="pip install optimum-quanto",
-)
-def _hf_quantized(model, backend, nbits, q_group_size, residual_length):
-    from transformers import QuantizedCache
-
-    return QuantizedCache(
-        backend, model.config, nbits=nbits, q_group_size=q_group_size, residual_length=residual_length
-    )
-
-
-@register(
-    "noisy",
-    {"std": 0.1, "seed": 0},
-    "diagnostic: a DynamicCache that adds Gaussian noise (std relative to each tensor's RMS) to stored keys and values",
-)
-def _noisy(model, std, seed):
-    from .cache.noisy import noisy_cache
-
-    return noisy_cache(model, std, seed)
-
-
-@register(
-    "tiny-turboquant",
-    {"preset": "safe", "key_bits": 0, "value_bits": 0},
-    "peer: tiny-turboquant's TinyKVCache (KIVI-style; presets safe, balanced, compact, aggressive)",
-    requires=("tiny_turboquant",),
-    hint="pip install 'kvforge[peers]'",
-)
-def _tiny_turboquant(model, preset, key_bits, value_bits):
-    from tiny_turboquant import TinyKVCache
-
-    class TinyKVCacheCompat(TinyKVCache):
-        """TinyKVCache whose ``update`` also takes the ``kwargs=`` keyword that
-        transformers >= 5.24 passes (tiny-turboquant 0.18 only knows the older
-        positional ``cache_kwargs``)."""
-
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None, **kwargs):
-            if cache_kwargs is None:
-                cache_kwargs = kwargs.get("kwargs") or kwargs.get("cache_kwargs")
-            return super().update(key_states, value_states, layer_idx, cache_kwargs)
-
-    if key_bits or value_bits:
-        return TinyKVCacheCompat.for_model(model, key_bits=key_bits or 4, value_bits=value_bits or 4)
-    return TinyKVCacheCompat.for_model(model, compression=preset)

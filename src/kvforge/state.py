@@ -81,6 +81,11 @@ class KVState:
         return self.token_ids.shape[1]
 
     @property
+    def next_position(self) -> int:
+        """The absolute position of the token that continues this state (``positions[-1] + 1``)."""
+        return int(self.positions[-1]) + 1 if self.num_tokens else 0
+
+    @property
     def batch_size(self) -> int:
         return self.token_ids.shape[0]
 
@@ -182,6 +187,9 @@ class KVState:
         self.check_complete()
         if cache is None:
             cache = DynamicCache(config=model.config)
+        if not cache.layers:
+            raise KVStateError(f"cannot import a KV state into a {type(cache).__name__}: it has no layers to fill (it "
+                               "makes them on its first update); import into 'dynamic' or 'kvforge-quant' instead")
         if len(cache.layers) != len(self.layers):
             raise KVStateError(f"cache has {len(cache.layers)} layers, state has {len(self.layers)}")
         device = next(model.parameters()).device

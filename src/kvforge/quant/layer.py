@@ -107,7 +107,7 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         self.res_k = torch.cat([self.res_k, key_states.to(self.store_dtype)], dim=2)
         self.res_v = torch.cat([self.res_v, value_states.to(self.store_dtype)], dim=2)
         self._flush()
-        if self.sliding_window is not None:
+        if self.sliding_window is not None and not self.record_past:
             self._trim_window()
         view = QuantizedView(self, *past, recent_k, recent_v)
         if self.fused:
@@ -196,11 +196,22 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         self._clear()
         self.total = 0
 
+    def _restrict(self) -> None:
+        if self.sliding_window is not None:
+            self._trim_window()
+
     def _remove_last(self, remove: int) -> None:
         """Remove the last ``remove`` tokens (``crop``: see :func:`kvforge.layers.crop_amount`). A partly
         removed key group is dequantized back into the residual window."""
         if remove > self.stored_tokens:
             raise ValueError(f"cannot crop {remove} tokens: this layer holds only {self.stored_tokens}")
+        if self.sliding_window is not None:
+            need = min(self.total - remove, self.sliding_window - 1)
+            if self.stored_tokens - remove < need:
+                raise ValueError(
+                    f"cannot crop {remove} tokens from a sliding-window layer that already dropped the tokens the window "
+                    "would need again; call cache.activate_past_recording() before decoding steps that may be rolled "
+                    "back (transformers' generate does this for assisted decoding)")
         self.total -= remove
         nres = self.res_k.shape[2]
         if remove <= nres:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..models import fingerprint as model_fingerprint
+from ..specs import parse_spec
 from ..state import KVState, KVStateError
 
 
@@ -239,6 +240,7 @@ class PrefixStore:
                  block: int = 32, min_tokens: int = 64):
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        parse_spec(spec).check_restorable("the prefix store (serve with --no-store)")
         self.fingerprint = model_fingerprint(model)
         self.spec = str(spec)
         self.max_bytes = int(max_bytes)
