@@ -15,19 +15,14 @@ with JSON metadata and a checksum (``save``/``load``, or ``to_bytes``/``from_byt
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
-from safetensors.torch import save_file
 
+from .artifacts import ArtifactError, make_header, read_tensors, save_tensors, tensors_to_bytes
+from .describe import Description, format_bytes  # noqa: F401  (format_bytes: re-exported)
 from .layers import KVStateError, LayerState, export_layer, import_layer
 from .models import fingerprint as model_fingerprint
 from .models import layer_types as model_layer_types
@@ -41,7 +36,7 @@ class ModelMismatchError(KVStateError):
     """The state was made by a different model than the one it is being used with."""
 
 
-class KVFileError(KVStateError):
+class KVFileError(KVStateError, ArtifactError):
     """A state file that is not a kvforge file, is truncated or corrupted, or has an unsupported version."""
 
 
@@ -332,21 +327,15 @@ class KVState:
 
     # ----------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file: the tensors, and JSON metadata with a SHA-256 of their bytes."""
-        path = Path(path)
-        tensors, metadata = self._serialize()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-        return path
+        """Write one safetensors file: the tensors, and a JSON header with a SHA-256 of their bytes
+        (:mod:`kvforge.artifacts`)."""
+        return save_tensors(path, *self._serialize())
 
     def to_bytes(self) -> bytes:
         """The bytes :meth:`save` would write (for stores that are not files, e.g. Redis)."""
-        tensors, metadata = self._serialize()
-        return save_bytes(tensors, metadata=metadata)
+        return tensors_to_bytes(*self._serialize())
 
-    def _serialize(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _serialize(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {
             "token_ids": self.token_ids.contiguous(),
             "positions": self.positions.contiguous(),
@@ -358,64 +347,29 @@ class KVState:
             for name, t in layer.tensors.items():
                 tensors[f"layers.{i}.{name}"] = t.detach().cpu().contiguous()
             layer_meta.append({"kind": layer.kind, "length": layer.length, "meta": layer.meta, "tensors": list(layer.tensors)})
-        header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "model_name": self.model_name,
-            "layer_types": self.layer_types,
-            "layer_indices": self.layer_indices,
-            "num_model_layers": self.num_model_layers,
-            "sliding_window": self.sliding_window,
-            "layers": layer_meta,
-            "meta": self.meta,
-            "sha256": _digest(tensors),
-        }
-        return tensors, {"kvforge": json.dumps(header)}
+        header = make_header(
+            FORMAT_NAME, FORMAT_VERSION, tensors, fingerprint=self.fingerprint, model_name=self.model_name,
+            layer_types=self.layer_types, layer_indices=self.layer_indices, num_model_layers=self.num_model_layers,
+            sliding_window=self.sliding_window, layers=layer_meta, meta=self.meta,
+        )
+        return tensors, header
 
     @classmethod
     def load(cls, path: str | Path, model=None, verify: bool = True) -> KVState:
-        """Read a file written by :meth:`save`; with ``model``, also check it was made by that model."""
-        path = Path(path)
-        if not path.exists():
-            raise KVFileError(f"{path}: no such file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("kvforge")
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise KVFileError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from e
-        return cls._deserialize(raw, tensors, str(path), model, verify)
+        """Read a file written by :meth:`save`; with ``model``, also check it was made by that model.
+
+        Raises :class:`KVFileError` for a missing, foreign, truncated, corrupted or newer file and
+        :class:`ModelMismatchError` for another model's state."""
+        return cls._deserialize(*read_tensors(path, FORMAT_NAME, FORMAT_VERSION, verify=verify, error=KVFileError), model)
 
     @classmethod
     def from_bytes(cls, data: bytes, model=None, verify: bool = True, where: str = "KV state bytes") -> KVState:
         """Read bytes written by :meth:`to_bytes` (the same checks as :meth:`load`)."""
-        try:
-            n = int.from_bytes(data[:8], "little")
-            raw = (json.loads(data[8 : 8 + n]).get("__metadata__") or {}).get("kvforge")
-            tensors = load_bytes(data)
-        except (SafetensorError, OSError, RuntimeError, ValueError, UnicodeDecodeError) as e:
-            raise KVFileError(f"{where}: not readable safetensors bytes (truncated or corrupted?): {e}") from e
-        return cls._deserialize(raw, tensors, where, model, verify)
+        return cls._deserialize(*read_tensors(data, FORMAT_NAME, FORMAT_VERSION, verify=verify, where=where,
+                                              error=KVFileError), model)
 
     @classmethod
-    def _deserialize(cls, raw: str | None, tensors: dict[str, torch.Tensor], where: str, model, verify: bool) -> KVState:
-        if raw is None:
-            raise KVFileError(f"{where}: a safetensors file but not a kvforge KV state (no kvforge metadata)")
-        try:
-            header = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise KVFileError(f"{where}: corrupted kvforge metadata: {e}") from e
-        if header.get("format") != FORMAT_NAME:
-            raise KVFileError(f"{where}: not a kvforge KV state (format {header.get('format')!r})")
-        version = header.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise KVFileError(
-                f"{where}: written in kvforge state format version {version}, newer than this kvforge reads "
-                f"(version {FORMAT_VERSION}); upgrade kvforge"
-            )
-        if verify and _digest(tensors) != header.get("sha256"):
-            raise KVFileError(f"{where}: integrity check failed (SHA-256 of the tensors differs): the file is corrupted")
+    def _deserialize(cls, header: dict, tensors: dict[str, torch.Tensor], model) -> KVState:
         layers = []
         for i, lm in enumerate(header["layers"]):
             ts = {name: tensors[f"layers.{i}.{name}"] for name in lm["tensors"]}
@@ -438,60 +392,5 @@ class KVState:
         return state
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _short(idx: list[int]) -> str:
     return str(idx) if len(idx) <= 6 else f"[{idx[0]}, {idx[1]}, ..., {idx[-1]}] ({len(idx)} layers)"
-
-
-class Description:
-    """``KVState.describe()``: per-layer rows, printable as a table."""
-
-    def __init__(self, state: KVState, rows: list[dict]):
-        self.state = state
-        self.rows = rows
-
-    def to_dict(self) -> dict:
-        s = self.state
-        return {
-            "model": s.model_name,
-            "fingerprint": s.fingerprint,
-            "tokens": s.num_tokens,
-            "batch": s.batch_size,
-            "nbytes": s.nbytes,
-            "bytes_per_token": s.nbytes / max(1, s.num_tokens * s.batch_size),
-            "layers": self.rows,
-        }
-
-    def __str__(self) -> str:
-        s = self.state
-        lines = [
-            f"{s.model_name or 'model'} [{s.fingerprint}]  tokens={s.num_tokens} batch={s.batch_size} "
-            f"layers={len(s.layers)}  {format_bytes(s.nbytes)} ({s.nbytes / max(1, s.num_tokens * s.batch_size):,.0f} B/token)",
-            f"{'layer':>5} {'type':<8} {'enc':<6} {'shape':<20} {'bytes':>10}  key norm / head    value norm / head",
-        ]
-        for r in self.rows:
-            kn = " ".join(f"{x:.1f}" for x in r["key_norm"][:8])
-            vn = " ".join(f"{x:.2f}" for x in r["value_norm"][:8])
-            kind = "sliding" if r["type"] == "sliding_attention" else "full"
-            lines.append(
-                f"{r['layer']:>5} {kind:<8} {r['encoding']:<6} {'x'.join(map(str, r['shape'])):<20} "
-                f"{format_bytes(r['bytes']):>10}  {kn:<18} {vn}"
-            )
-        return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    e = min(int(math.log(n, 1024)), 3)
-    return f"{n / 1024**e:.1f} {['B', 'KiB', 'MiB', 'GiB'][e]}"

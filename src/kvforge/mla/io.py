@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import ArtifactError
 from ..models import register_loader
 from .convert import MLAConfig, install
 
@@ -41,9 +42,9 @@ def read_config(directory: str | Path) -> MLAConfig:
     try:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable kvforge MLA config ({e})") from e
+        raise ArtifactError(f"{path}: not a readable kvforge MLA config ({e})") from e
     if info.get("format", 0) > FORMAT:
-        raise ValueError(f"{path}: MLA format {info['format']} is newer than this kvforge ({FORMAT})")
+        raise ArtifactError(f"{path}: MLA format {info['format']} is newer than this kvforge ({FORMAT})")
     return MLAConfig(**info["config"])
 
 

@@ -6,7 +6,8 @@
 """
 
 from . import spec as _spec  # noqa: F401  (registers the "kvforge-quant" cache spec)
+from .cache import QuantizedKVCache
 from .config import PRESET_HELP, PRESETS, QuantConfig, resolve_config
-from .layer import KIND, QuantizedKVCache, QuantizedLayer, QuantizedView
+from .layer import KIND, QuantizedLayer, QuantizedView
 
 __all__ = ["KIND", "PRESETS", "PRESET_HELP", "QuantConfig", "QuantizedKVCache", "QuantizedLayer", "QuantizedView", "resolve_config"]

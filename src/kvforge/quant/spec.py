@@ -16,7 +16,7 @@ from .config import PRESET_HELP
 )
 def build(model, preset, key_bits, value_bits, key_group, value_group, residual, rotate, clip, protect_first,
           protect_last, fused):
-    from .layer import QuantizedKVCache
+    from .cache import QuantizedKVCache
 
     fused_arg = {"auto": None, "on": True, "off": False, True: True, False: False}.get(fused, "bad")
     if fused_arg == "bad":

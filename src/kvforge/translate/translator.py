@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..artifacts import ArtifactError
 from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
 from .align import align
@@ -243,12 +244,12 @@ class Translator(torch.nn.Module):
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
-            raise KVStateError(f"{path}: not a readable translator file ({e})") from e
+            raise ArtifactError(f"{path}: not a readable translator file ({e})") from e
         if "kvforge-translator" not in meta:
-            raise KVStateError(f"{path}: not a kvforge translator (no 'kvforge-translator' metadata)")
+            raise ArtifactError(f"{path}: not a kvforge translator (no 'kvforge-translator' metadata)")
         info = json.loads(meta["kvforge-translator"])
         if info["format"] > FORMAT:
-            raise KVStateError(f"{path}: translator format {info['format']} is newer than this kvforge ({FORMAT})")
+            raise ArtifactError(f"{path}: translator format {info['format']} is newer than this kvforge ({FORMAT})")
         t = cls(TranslatorConfig(**info["config"]))
         t.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return t
