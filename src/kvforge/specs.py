@@ -39,6 +39,7 @@ class CacheKind:
     requires: tuple[str, ...] = ()  # importable modules needed
     hint: str = ""  # how to install them
     restorable: bool = True  # an exported state imports back into a fresh cache and continues exactly
+    types: dict[str, str] = field(default_factory=dict)  # declared type names of parameters whose default is None
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if not _importable(m)]
@@ -63,11 +64,13 @@ def register(name: str, defaults: dict[str, Any] | type, description: str, requi
     exported from this cache cannot be imported back to continue exactly (a peer whose codes are not
     public, a diagnostic): the server's prefix store refuses such a spec at start-up.
     """
+    types = {}
     if isinstance(defaults, type) and dataclasses.is_dataclass(defaults):
+        types = {f.name: getattr(f.type, "__name__", str(f.type)) for f in dataclasses.fields(defaults)}
         defaults = {f.name: f.default for f in dataclasses.fields(defaults)}
 
     def wrap(fn):
-        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint, restorable)
+        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint, restorable, types)
         return fn
 
     return wrap
@@ -121,7 +124,9 @@ class CacheSpec:
         return self.kind.build(model, **{**self.kind.defaults, **self.params})
 
 
-def _coerce(value: str, default: Any, key: str, name: str) -> Any:
+def _coerce(value: str, default: Any, key: str, name: str, declared: str = "") -> Any:
+    if default is None and declared in ("int", "float", "bool", "str"):  # an optional setting of a known type
+        default = {"int": 0, "float": 0.0, "bool": False, "str": ""}[declared]
     try:
         if isinstance(default, bool):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -167,7 +172,7 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
             raise UnknownCacheSpecError(
                 f"cache spec {name!r} has no parameter {key!r}; parameters: {', '.join(kind.defaults) or 'none'}"
             )
-        params[key] = _coerce(value, kind.defaults[key], key, name)
+        params[key] = _coerce(value, kind.defaults[key], key, name, kind.types.get(key, ""))
     return CacheSpec(name, params)
 
 

@@ -35,13 +35,12 @@ class QuantizedKVCache(Cache):
         self.fused = fused
 
     @classmethod
-    def for_model(cls, model, preset: str | None = None, *, key_bits=None, value_bits=None, key_group=None,
-                  value_group=None, residual_length=None, rotate=None, residual_dtype=None, clip=None,
-                  protect_first: int = 0, protect_last: int = 0, protected_layers=(), per_layer=None,
-                  fused: bool | None = None) -> QuantizedKVCache:
+    def for_model(cls, model, preset: str | None = None, *, protect_first: int = 0, protect_last: int = 0,
+                  protected_layers=(), per_layer=None, fused: bool | None = None, **overrides) -> QuantizedKVCache:
         """A cache for ``model``: a preset (default ``safe``) or explicit bits, plus protected layers.
 
-        ``per_layer`` (a list of ``QuantConfig`` or ``None``) overrides everything per layer, as
+        ``overrides`` are :class:`QuantConfig` fields (``key_bits=3, value_bits=2, key_group=32, ...``; ``None``
+        keeps the preset's); an unknown name raises ``ValueError`` listing the known ones. ``per_layer`` (a list of ``QuantConfig`` or ``None``) overrides everything per layer, as
         :func:`kvforge.quant.recommend` produces. ``fused`` (default: on when the model can use
         kvforge's attention) computes attention on the codes instead of dequantizing the past.
         """
@@ -57,11 +56,9 @@ class QuantizedKVCache(Cache):
                 raise ValueError(f"per_layer has {len(per_layer)} entries; the model has {n} layers")
             configs = list(per_layer)
         else:
-            if preset is None and key_bits is None and value_bits is None:
+            if preset is None and overrides.get("key_bits") is None and overrides.get("value_bits") is None:
                 preset = "safe"
-            cfg = resolve_config(preset, key_bits=key_bits, value_bits=value_bits, key_group=key_group,
-                                 value_group=value_group, residual_length=residual_length, rotate=rotate,
-                                 residual_dtype=residual_dtype, clip=clip)
+            cfg = resolve_config(preset, **overrides)
             configs = [cfg] * n
         protected = set()
         for i in protected_layers:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from .packing import SUPPORTED_BITS, check_packable
 
@@ -16,8 +16,11 @@ class QuantConfig:
     key_bits / value_bits: 2, 3, 4 or 8.
     key_group: tokens per key scale group (keys are quantized per channel over this many tokens).
     value_group: channels per value scale group (values are quantized per token).
-    residual_length: the most recent tokens kept in full precision (at most this many, a multiple of
-        ``key_group``; older tokens are quantized a whole key group at a time).
+    residual_length: the residual window: at most this many of the most recent tokens stay in full
+        precision (a multiple of ``key_group``). Older tokens are quantized a whole key group at a time,
+        so once more than ``residual_length`` tokens were seen the window holds between
+        ``residual_length - key_group + 1`` and ``residual_length`` of them (KIVI's and transformers'
+        ``QuantizedCache``'s meaning: "at most").
     rotate: "keys" applies an orthogonal Hadamard rotation to keys before quantizing (queries are
         rotated the same way, so attention scores are unchanged); "both" also rotates values (the
         attention output is rotated back); "none" is plain KIVI.
@@ -98,6 +101,10 @@ PRESET_HELP = {
 
 def resolve_config(preset: str | None = None, **explicit) -> QuantConfig:
     """A preset, or explicit settings; both at once for the bits raises ``ValueError``."""
+    known = {f.name for f in fields(QuantConfig)}
+    unknown = sorted(set(explicit) - known)
+    if unknown:
+        raise ValueError(f"unknown quantization setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     explicit = {k: v for k, v in explicit.items() if v is not None}
     bits_given = {"key_bits", "value_bits"} & set(explicit)
     if preset is not None and bits_given:

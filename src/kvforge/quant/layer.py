@@ -23,7 +23,8 @@ class QuantizedLayer(KVLayer, DynamicLayer):
     ``v_scale/v_zero`` per token and value group, and ``res_k/res_v``: the residual window, the most
     recent tokens in full precision. As in KIVI and transformers' ``QuantizedCache``, the window holds *at
     most* ``residual_length`` tokens: once more have been seen, the oldest whole key groups are quantized,
-    so it holds between ``residual_length - key_group + 1`` and ``residual_length`` (see
+    so it holds between ``residual_length - key_group + 1`` and ``residual_length`` (with
+    ``residual_length=0``: the ``< key_group`` tokens of an unfinished group; see
     :meth:`residual_tokens_after`). A forward pass sees the tokens quantized *before* it plus the earlier
     residual and its own tokens in full precision; its tokens are quantized afterwards, a key group at a
     time, so the prompt's own prefill attention is never degraded.

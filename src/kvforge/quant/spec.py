@@ -1,28 +1,53 @@
-"""The ``kvforge-quant`` cache spec (``kvforge eval/bench --cache kvforge-quant:preset=safe``)."""
+"""The ``kvforge-quant`` cache spec (``kvforge eval/bench --cache kvforge-quant:preset=safe``).
+
+Its parameters are the fields of :class:`QuantSpec`: a preset, an override for each
+:class:`~kvforge.quant.config.QuantConfig` field (generated from that dataclass, so a quantization setting
+is declared once, there), the layers kept in full precision, and the attention path.
+"""
 
 from __future__ import annotations
 
+from dataclasses import field, fields, make_dataclass
+
 from ..specs import register
-from .config import PRESET_HELP
+from .config import PRESET_HELP, QuantConfig
+
+ALIASES = {"residual": "residual_length"}  # spec parameter -> QuantConfig field
+
+QuantSpec = make_dataclass(
+    "QuantSpec",
+    [("preset", str, field(default="")),
+     *[(next((a for a, n in ALIASES.items() if n == f.name), f.name), f.type, field(default=None))
+       for f in fields(QuantConfig)],
+     ("protect_first", int, field(default=0)), ("protect_last", int, field(default=0)),
+     ("fused", str, field(default="auto"))],
+    frozen=True,
+)
+QuantSpec.__doc__ = ("Parameters of the kvforge-quant spec: preset, any QuantConfig field (None keeps the preset's; "
+                     "residual = residual_length), protect_first/protect_last layers, fused=auto|on|off.")
+
+_SWITCH = {"": None, "auto": None, "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+def _switch(name: str, value):
+    if isinstance(value, bool) or value is None:
+        return value
+    try:
+        return _SWITCH[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"{name}={value!r}; choose auto, on or off") from None
 
 
 @register(
     "kvforge-quant",
-    {"preset": "", "key_bits": None, "value_bits": None, "key_group": None, "value_group": None,
-     "residual": None, "rotate": "", "clip": "", "protect_first": 0, "protect_last": 0, "fused": "auto"},
+    QuantSpec,
     "kvforge's KIVI-layout quantized cache: presets "
     + ", ".join(f"{k} ({v})" for k, v in PRESET_HELP.items())
     + "; or key_bits/value_bits in 2,3,4,8; rotate=none|keys|both; fused=auto|on|off",
 )
-def build(model, preset, key_bits, value_bits, key_group, value_group, residual, rotate, clip, protect_first,
-          protect_last, fused):
+def build(model, preset, protect_first, protect_last, fused, **overrides):
     from .cache import QuantizedKVCache
 
-    fused_arg = {"auto": None, "on": True, "off": False, True: True, False: False}.get(fused, "bad")
-    if fused_arg == "bad":
-        raise ValueError(f"fused={fused!r}; choose auto, on or off")
-    return QuantizedKVCache.for_model(
-        model, preset or None, key_bits=key_bits, value_bits=value_bits, key_group=key_group, value_group=value_group,
-        residual_length=residual, rotate=rotate or None,
-        clip={"": None, "on": True, "true": True, "off": False, "false": False}[str(clip).lower()], protect_first=protect_first, protect_last=protect_last,
-        fused=fused_arg)
+    config = {ALIASES.get(k, k): v for k, v in overrides.items()}
+    return QuantizedKVCache.for_model(model, preset or None, protect_first=protect_first, protect_last=protect_last,
+                                      fused=_switch("fused", fused), **config)
