@@ -29,13 +29,6 @@ def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help="measure one cache: perplexity, agreement or needle retrieval")
     evsub = ev.add_subparsers(dest="metric", metavar="METRIC", required=True)
 
-    def common(p):
-        _model_arg(p)
-        p.add_argument("--cache", default="dynamic", help="cache spec (see `kvforge caches`)")
-        p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
-        p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
-
     p = evsub.add_parser("ppl", help="decode-faithful perplexity (and the baseline's, same windows)")
     common(p)
     p.add_argument("--windows", type=int, default=4)
@@ -46,12 +39,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the DynamicCache baseline")
     p.set_defaults(func=cmd_ppl)
 
-    p = evsub.add_parser("agree", help="greedy agreement and KL against a DynamicCache")
-    common(p)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.set_defaults(func=cmd_agree)
+    agree_arguments(evsub.add_parser("agree", help="greedy agreement and KL against a DynamicCache"))
 
     p = evsub.add_parser("needle", help="planted-fact retrieval per context length and depth")
     common(p)
@@ -82,6 +70,29 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("caches", help="list the cache specs and whether each is available")
     p.set_defaults(func=cmd_caches)
+
+
+def common(p, cache_default: str | None = "dynamic") -> None:
+    """The arguments every one-cache measurement takes (model, cache, text, --json)."""
+    from .core import _model_arg
+
+    _model_arg(p)
+    p.add_argument("--cache", default=cache_default, required=cache_default is None,
+                   help="cache spec (see `kvforge caches`), e.g. kvforge-quant:preset=balanced")
+    p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
+    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def agree_arguments(p, cache_default: str | None = "dynamic", new_tokens: int = 32, min_match: float | None = None):
+    """``kvforge eval agree`` (and ``kvforge validate``, its pass/fail form)."""
+    common(p, cache_default)
+    p.add_argument("--prompts", type=int, default=4, help="prompts from the text (default 4)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt (default 256)")
+    p.add_argument("--new-tokens", type=int, default=new_tokens, help=f"greedy tokens per prompt (default {new_tokens})")
+    p.add_argument("--min-match", type=float, default=min_match,
+                   help="exit 1 below this greedy match rate" + (f" (default {min_match})" if min_match else ""))
+    p.set_defaults(func=cmd_agree)
 
 
 def _load(args):
@@ -127,11 +138,17 @@ def cmd_agree(args) -> int:
     model, tok = _load(args)
     prompts = default_prompts(tok, args.prompts, args.prompt_tokens, _text(args))
     r = agreement(model, tok, args.cache, prompts=prompts, new_tokens=args.new_tokens)
-    _print(r, args.json, [
-        f"{r.cache}: greedy match {100 * r.match_rate:.1f}% over {r.prompts}x{r.new_tokens} tokens, "
-        f"{100 * r.exact:.0f}% of prompts identical, first divergence {r.first_divergence}, "
-        f"mean KL {r.mean_kl:.5f} (max {r.max_kl:.4f})"])
-    return 0
+    ok = args.min_match is None or r.match_rate >= args.min_match
+    line = (f"{r.cache} vs DynamicCache on {args.model}: greedy match {100 * r.match_rate:.1f}% over "
+            f"{r.prompts}x{r.new_tokens} tokens, {100 * r.exact:.0f}% of prompts identical, first divergence "
+            f"{r.first_divergence}, mean KL {r.mean_kl:.5f} (max {r.max_kl:.4f})")
+    if args.min_match is not None:
+        line += f": {'PASS' if ok else 'FAIL'} (min {100 * args.min_match:.0f}%)"
+    if args.json:
+        print(json.dumps({**r.to_dict(), **({"pass": ok} if args.min_match is not None else {})}, indent=1))
+    else:
+        print(line)
+    return 0 if ok else 1
 
 
 def cmd_needle(args) -> int:

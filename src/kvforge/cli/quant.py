@@ -1,4 +1,4 @@
-"""``kvforge quant recommend`` and ``kvforge validate``."""
+"""``kvforge quant recommend`` and ``kvforge validate`` (``kvforge eval agree`` with a pass/fail gate)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 def add_commands(sub) -> None:
     from .core import _model_arg
+    from .evaluate import agree_arguments
 
     q = sub.add_parser("quant", help="quantized cache tools")
     qsub = q.add_subparsers(dest="quant_command", metavar="COMMAND", required=True)
@@ -18,15 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("validate", help="token agreement of a cache against DynamicCache (greedy A/B, KL)")
-    _model_arg(p)
-    p.add_argument("--cache", required=True, help="cache spec, e.g. kvforge-quant:preset=balanced")
-    p.add_argument("--prompts", type=int, default=4, help="prompts from the eval text (default 4)")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt (default 256)")
-    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
-    p.add_argument("--min-match", type=float, default=0.9, help="exit 1 below this match rate (default 0.9)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_validate)
+    # `kvforge eval agree` with a pass/fail gate
+    agree_arguments(sub.add_parser("validate", help="token agreement of a cache against DynamicCache (greedy A/B, "
+                                   "KL); exit 1 below --min-match"), cache_default=None, new_tokens=64, min_match=0.9)
 
 
 def cmd_recommend(args) -> int:
@@ -56,23 +51,3 @@ def cmd_recommend(args) -> int:
     con.print(f"mean bits: keys {s['mean_key_bits']:.2f}, values {s['mean_value_bits']:.2f}. "
               f"Use it: QuantizedKVCache.from_model(model, tokenizer, mode={args.mode!r})")
     return 0
-
-
-def cmd_validate(args) -> int:
-    from ..eval import agreement, default_prompts
-    from ..models import load_model
-    from ..specs import parse_spec
-    from ..texts import load_text
-
-    parse_spec(args.cache)
-    model, tok = load_model(args.model, dtype=args.dtype)
-    prompts = default_prompts(tok, args.prompts, args.prompt_tokens, load_text("pydoc", "eval"))
-    r = agreement(model, tok, args.cache, prompts=prompts, new_tokens=args.new_tokens)
-    ok = r.match_rate >= args.min_match
-    if args.json:
-        print(json.dumps({**r.to_dict(), "pass": ok}, indent=1))
-    else:
-        print(f"{r.cache} vs DynamicCache on {args.model}: greedy match {100 * r.match_rate:.1f}% over "
-              f"{r.prompts}x{r.new_tokens} tokens, {100 * r.exact:.0f}% of prompts identical, first divergence "
-              f"{r.first_divergence}, mean KL {r.mean_kl:.5f}: {'PASS' if ok else 'FAIL'} (min {100 * args.min_match:.0f}%)")
-    return 0 if ok else 1
