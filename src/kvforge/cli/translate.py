@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..translate.modes import MODES
 from ..translate.train import TrainConfig
 
 
@@ -25,7 +26,7 @@ def add_commands(sub) -> None:
     p = tsub.add_parser("train", help="train a translator by distillation (both models frozen), resumable")
     p.add_argument("--source", required=True)
     p.add_argument("--target", required=True)
-    p.add_argument("--mode", choices=["replace", "fuse"], default="replace",
+    p.add_argument("--mode", choices=MODES, default="replace",
                    help="replace: the translation is the target's whole past (KL to its own prefill); fuse: mixed "
                         "into the target's own prefill by a learned gate (next-token loss)")
     p.add_argument("--init", type=Path, help="translator to start from (default: the shipped one, else a ridge fit)")

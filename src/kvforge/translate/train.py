@@ -27,12 +27,13 @@ import torch.nn.functional as F
 
 from ..state import KVState
 from .evaluate import continuation_logits
+from .modes import TranslationMode, get_mode
 from .translator import Translator
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "replace"
+    mode: str = "replace"  # a registered TranslationMode's name; its defaults fill steps, lr and ce_weight
     steps: int | None = None  # default: 400 replace, 150 fuse
     lr: float | None = None  # the maps (they start from the ridge fit); default: 1e-4 replace, 3e-5 fuse
     gate_lr: float = 1e-2  # fuse mode's gate logits
@@ -51,20 +52,24 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in ("replace", "fuse"):
-            raise ValueError(f"unknown mode {self.mode!r}; choose replace or fuse")
+        mode = self.translation_mode
         if self.steps is None:
-            self.steps = 400 if self.mode == "replace" else 150
+            self.steps = mode.steps
         if self.lr is None:
-            self.lr = 1e-4 if self.mode == "replace" else 3e-5
+            self.lr = mode.lr
         if self.ce_weight is None:
-            self.ce_weight = 1.0 if self.mode == "fuse" else 0.0
+            self.ce_weight = mode.ce_weight
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
         for name in ("steps", "batch", "continuation_tokens", "top_k", "train_examples", "val_examples",
                      "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def translation_mode(self) -> TranslationMode:
+        """The :class:`~kvforge.translate.modes.TranslationMode` named by ``mode``."""
+        return get_mode(self.mode)
 
 
 @dataclass
@@ -151,8 +156,7 @@ def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
     state (fuse), minus the context's last token."""
     state = tr.build_state(tr.project(p.a, {j: g.float() for j, g in p.gathered.items()}, p.first), p.a,
                            target_model)
-    state = state[: p.own.num_tokens]
-    return tr.fuse(p.own, state) if tr.config.mode == "fuse" else state
+    return tr.mode.combine(tr, p.own, state[: p.own.num_tokens])
 
 
 def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -168,7 +172,7 @@ def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[
     kl = kl.mean() * cfg.temperature ** 2
     ce = F.cross_entropy(logits, p.cont.to(logits.device))
     out = {"kl": kl, "ce": ce, "loss": (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce}
-    if cfg.kv_weight and tr.config.mode == "replace":
+    if cfg.kv_weight and tr.mode.kv_regression:
         kv = sum(F.mse_loss(s.to_dense().tensors[n].float(), o.to_dense().tensors[n][:, :, -s.length:].float())
                  for s, o in zip(state.layers, p.own.layers) for n in ("keys", "values")) / (2 * len(state.layers))
         out["kv"] = kv
@@ -232,7 +236,7 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
     tr.check_pair(source_model, target_model)
     device = next(target_model.parameters()).device
     tr.to(device)
-    gates = [tr.gate] if cfg.mode == "fuse" else []
+    gates = [getattr(tr, name) for name in tr.mode.extra_parameter_names]  # e.g. fuse mode's gate, at gate_lr
     maps = [p for n, p in tr.named_parameters() if n.startswith("maps.")]
     opt = torch.optim.Adam([{"params": maps, "lr": cfg.lr}] + ([{"params": gates, "lr": cfg.gate_lr}] if gates else []))
     step, history = 0, []
@@ -257,7 +261,7 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
     bos = target_tokenizer("", return_tensors="pt").input_ids[0]
     base = baselines(val, target_model, bos)
 
-    metric = "kl" if cfg.mode == "replace" else "ppl"
+    metric = tr.mode.metric
     best = {"value": min((h[metric] for h in history), default=float("inf")), "state": None}
 
     def record(at: int) -> dict:
@@ -318,15 +322,16 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
     return TrainReport(step, time.perf_counter() - t0, history, base)
 
 
-def with_mode(tr: Translator, mode: str) -> Translator:
-    """A copy of ``tr`` in ``mode`` (its maps kept; a new fuse gate starts near "target alone")."""
+def with_mode(tr: Translator, mode: str | TranslationMode) -> Translator:
+    """A copy of ``tr`` in ``mode`` (its maps kept; the new mode's own parameters start afresh, e.g. a fuse gate
+    near "target alone")."""
     from copy import deepcopy
 
     from .translator import TranslatorConfig
 
-    cfg = TranslatorConfig(**{**asdict(tr.config), "mode": mode})
+    cfg = TranslatorConfig(**{**asdict(tr.config), "mode": get_mode(mode).name})
     out = Translator(cfg)
-    state = {k: v for k, v in tr.state_dict().items() if k != "gate"}
+    state = {k: v for k, v in tr.state_dict().items() if k not in tr.mode.extra_parameter_names}
     out.load_state_dict(state, strict=False)
     out.config.extra = deepcopy(tr.config.extra)
     return out

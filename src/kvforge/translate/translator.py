@@ -19,10 +19,9 @@ from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
 from .align import align
 from .layers import layer_map
+from .modes import GATE_INIT, MODES, TranslationMode, gated_fuse, get_mode  # noqa: F401 - re-exported
 
 FORMAT = 1
-MODES = ("replace", "fuse")
-GATE_INIT = -3.0
 
 
 class TranslatorMismatchError(ValueError):
@@ -44,7 +43,7 @@ class TranslatorConfig:
     tokens_fitted: int = 0
     identity: bool = False
     sliding_sources: bool = False
-    mode: str = "replace"  # or "fuse": mixed into the target's own prefill by a learned gate
+    mode: str = "replace"  # a registered TranslationMode's name (see .modes): replace or fuse
     trained_steps: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -84,11 +83,13 @@ class Translator(torch.nn.Module):
         self.register_buffer("bos_k", torch.zeros(len(config.layers), th, td))
         self.register_buffer("bos_v", torch.zeros(len(config.layers), th, td))
         self._first_kv: dict[int, list] = {}  # target token id -> its own first-position keys/values per layer
-        if config.mode not in MODES:
-            raise ValueError(f"unknown translator mode {config.mode!r}; choose from {', '.join(MODES)}")
-        if config.mode == "fuse":
-            # per target layer, keys/values, head: the gate's logit; starts near "target alone"
-            self.gate = torch.nn.Parameter(torch.full((len(config.layers), 2, th), GATE_INIT))
+        for name, param in get_mode(config.mode).extra_parameters(len(config.layers), th).items():
+            setattr(self, name, param)  # e.g. fuse mode's gate
+
+    @property
+    def mode(self) -> TranslationMode:
+        """The :class:`~kvforge.translate.modes.TranslationMode` named by ``config.mode``."""
+        return get_mode(self.config.mode)
 
     # -- checks --------------------------------------------------------------------------------
     def check_pair(self, source_model, target_model) -> None:
@@ -197,10 +198,11 @@ class Translator(torch.nn.Module):
         if self.config.identity:
             self.check_pair(source_model, target_model)
             return state
-        if self.config.mode == "fuse" and own is None:
-            raise ValueError("a fuse-mode translator needs the target's own state of the text (own=...)")
+        mode = self.mode
+        if mode.needs_own and own is None:
+            raise ValueError(f"a {mode.name}-mode translator needs the target's own state of the text (own=...)")
         out = self.translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
-        return self.fuse(own, out) if self.config.mode == "fuse" else out
+        return mode.combine(self, own, out)
 
     @torch.no_grad()
     def translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
@@ -212,22 +214,9 @@ class Translator(torch.nn.Module):
 
     def fuse(self, own: KVState, translated: KVState) -> KVState:
         """``own + sigmoid(gate) * (translated - own)`` per layer, for keys and values, per target head (both
-        states rotated at the same positions, so mixing the rotated tensors is exact)."""
-        if own.num_tokens != translated.num_tokens or not torch.equal(own.token_ids, translated.token_ids):
-            raise KVStateError(f"fuse needs the target's own state of the same tokens: it holds {own.num_tokens} "
-                               f"tokens, the translation {translated.num_tokens}")
-        layers = []
-        for i, (o, t) in enumerate(zip(own.layers, translated.layers)):
-            o, t = o.to_dense(), t.to_dense()
-            n = o.length  # a sliding target layer holds only its last tokens
-            g = torch.sigmoid(self.gate[i]).view(2, 1, -1, 1, 1)
-            ok, ov = o.tensors["keys"], o.tensors["values"]
-            tk, tv = t.tensors["keys"][:, :, -n:], t.tensors["values"][:, :, -n:]
-            layers.append(LayerState.dense((ok + g[0] * (tk.to(ok.dtype) - ok)).to(ok.dtype),
-                                           (ov + g[1] * (tv.to(ov.dtype) - ov)).to(ov.dtype)))
-        return KVState(layers, own.token_ids, own.positions, list(own.layer_types), own.fingerprint,
-                       model_name=own.model_name, sliding_window=own.sliding_window,
-                       num_model_layers=own.num_model_layers, meta={**own.meta, "fused_from": self.config.source})
+        states rotated at the same positions, so mixing the rotated tensors is exact): a fuse-mode
+        translator's gated mix (see :class:`~kvforge.translate.modes.Fuse`)."""
+        return gated_fuse(self.gate, own, translated, self.config.source)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
