@@ -38,6 +38,7 @@ SMALL = "key_group=8,value_group=16,residual=16"
 LINES = [
     Line("dynamic"),
     Line("preallocated:max_seq_len=256"),
+    Line("half:dtype=float16", quality="half:dtype=bfloat16", kl=0.01, atol=2e-3),
     Line("noisy:std=0.0", quality="noisy:std=0.02", kl=0.05, refuses={"restore": "noisy"}),
     # 8-bit codes: feeding tokens in other chunks quantizes them at other times (~1e-3 in log-probs)
     Line("kvforge-quant:key_bits=8,value_bits=8," + SMALL, quality="kvforge-quant:" + SMALL, kl=0.02, atol=5e-3),
@@ -49,7 +50,7 @@ LINES = [
     Line("tiny-turboquant:key_bits=4,value_bits=4", quality="tiny-turboquant:key_bits=4,value_bits=4", kl=0.1,
          archs=("llama",), refuses={"restore": "tiny-turboquant", "crop": "cannot be cropped", "beam": "cannot reorder"}),
 ]
-IDS = [line.spec.split(",")[0] + ("" if i < 3 else f"#{i}") for i, line in enumerate(LINES)]
+IDS = [line.spec.split(",")[0] + ("" if i < 4 else f"#{i}") for i, line in enumerate(LINES)]
 
 
 def test_every_registered_spec_has_a_line():
