@@ -139,3 +139,19 @@ def test_residual_window_is_what_the_docs_say(tiny_llama, residual, group):
         assert n <= residual or held > residual - group
     if (residual, group) == (64, 64):
         assert [QuantizedLayer.residual_tokens_after(n, 64, 64) for n in (64, 65, 129, 193)] == [64, 1, 1, 1]
+
+
+@pytest.mark.integration
+def test_bundled_gemma_windows_and_prompts_start_with_bos():
+    """The public-report input: ``kvforge eval ppl --model gemma3-270m`` scored every window after the first
+    without ``<bos>`` (NLL 4.25 instead of 3.20). Every window and prompt a metric builds now starts with it."""
+    from transformers import AutoTokenizer
+
+    from kvforge.models import bundled_dir
+    from kvforge.texts import load_text
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir("gemma3-270m"))
+    text = load_text("pydoc", "eval")
+    assert run.prompt_prefix(tok) == [tok.bos_token_id]
+    for ids in run.token_windows(tok, text, 4, 1024) + default_prompts(tok, 4, 256, text):
+        assert ids[0, 0].item() == tok.bos_token_id and (ids[0, 1:] != tok.bos_token_id).all()
