@@ -111,6 +111,15 @@ def positions(start: int, n: int, device=None) -> torch.Tensor:
     return torch.arange(start, start + n, device=device)[None]
 
 
+def row_positions(seen: list[int], new: list[int], device=None) -> torch.Tensor:
+    """Positions ``[B, max(new)]`` for a batch of requests with their own caches (the server's batched step):
+    row ``r`` places its ``new[r]`` tokens after its ``seen[r]``, left-padded with position 0 (a padding
+    query's output is dropped and its key is not cached)."""
+    q = max(new)
+    return torch.cat([torch.cat([torch.zeros(1, q - n, dtype=torch.long, device=device), positions(p, n, device)], 1)
+                      for p, n in zip(seen, new)])
+
+
 def mask_positions(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """Positions ``[batch, n]`` of the last ``n`` tokens of a (left-)padded batch: each row counts only its
     real tokens (padding gets position 0)."""

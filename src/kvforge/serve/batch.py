@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from .. import run
 from ..models import layer_types, text_config
 
 
@@ -83,11 +84,9 @@ class BatchedCache(Cache):
         """``input_ids`` and ``position_ids`` ``[B, Q]`` for each row's new tokens, left-padded."""
         q = max(self.new)
         ids = torch.zeros(len(token_ids), q, dtype=torch.long)
-        pos = torch.zeros(len(token_ids), q, dtype=torch.long)
-        for r, (toks, p, n) in enumerate(zip(token_ids, self.seen, self.new)):
+        for r, (toks, n) in enumerate(zip(token_ids, self.new)):
             ids[r, q - n :] = torch.tensor(toks[-n:])
-            pos[r, q - n :] = torch.arange(p, p + n)
-        return ids.to(device), pos.to(device)
+        return ids.to(device), run.row_positions(self.seen, self.new, device)
 
     def attention_mask(self, dtype: torch.dtype, device=None):
         """The attention mask for this pass: ``[B, 1, Q, L]`` (0 where a row's query attends, the dtype's

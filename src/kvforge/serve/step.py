@@ -3,7 +3,7 @@
 Each request keeps its own cache. A pass over several requests runs through a
 :class:`~kvforge.serve.batch.BatchedCache` view (rows left-padded to the longest, positions per row); a pass
 over one request runs through :mod:`kvforge.run` with its own cache, exactly as ``kvforge.generate`` does.
-Positions always come from :func:`kvforge.run.positions`: a request that has fed ``seen`` tokens to its
+Positions always come from :mod:`kvforge.run` (``positions``, ``row_positions``): a request that has fed ``seen`` tokens to its
 cache places the next ``n`` at ``seen .. seen+n-1``.
 """
 
@@ -14,14 +14,6 @@ import torch
 from .. import run
 from .batch import BatchedCache
 from .request import Request
-
-
-def row_positions(seen: list[int], new: list[int], device=None) -> torch.Tensor:
-    """Positions ``[B, max(new)]`` of each row's ``new[r]`` tokens after its ``seen[r]``, left-padded with 0
-    (a padding position is never attended to: its query's output is dropped and its key is not cached)."""
-    q = max(new)
-    return torch.cat([torch.cat([torch.zeros(1, q - n, dtype=torch.long, device=device), run.positions(p, n, device)], 1)
-                      for p, n in zip(seen, new)])
 
 
 def prefill(model, rows: list[tuple[Request, int]], device, dtype) -> tuple[list[torch.Tensor], int]:
@@ -36,7 +28,7 @@ def prefill(model, rows: list[tuple[Request, int]], device, dtype) -> tuple[list
         seen = [r.seen for r, _ in rows]
         view = BatchedCache(model, [r.cache for r, _ in rows], seen, sizes)
         ids, _ = view.inputs([r.prompt_ids[:end] for r, end in rows], device)
-        out = model(input_ids=ids, **run.cache_kw(view), use_cache=True, position_ids=row_positions(seen, sizes, device),
+        out = model(input_ids=ids, **run.cache_kw(view), use_cache=True, position_ids=run.row_positions(seen, sizes, device),
                     attention_mask=view.attention_mask(dtype, device), logits_to_keep=1)
         return [out.logits[i : i + 1, -1] for i in range(len(rows))], 1
     logits = []
@@ -55,6 +47,6 @@ def decode(model, rows: list[Request], device, dtype) -> torch.Tensor:
         return run.forward(model, ids, r.cache, start=r.seen, logits_to_keep=1).logits[:, -1]
     seen = [r.seen for r in rows]
     view = BatchedCache(model, [r.cache for r in rows], seen)
-    out = model(input_ids=ids, **run.cache_kw(view), use_cache=True, position_ids=row_positions(seen, [1] * len(rows), device),
+    out = model(input_ids=ids, **run.cache_kw(view), use_cache=True, position_ids=run.row_positions(seen, [1] * len(rows), device),
                 attention_mask=view.attention_mask(dtype, device), logits_to_keep=1)
     return out.logits[:, -1]
