@@ -2,9 +2,9 @@
 
 :func:`calibrate` runs the model over calibration texts with hooks on every attention module and collects,
 per layer, the covariance of the input of ``k_proj``/``v_proj`` (which whitens the factorisation), the
-mean squared queries (which weigh key errors in the output-aware mode) and, for ``decoupled_rope``, how
-much each rotary frequency pair contributes to the scores. :func:`rotation_loss` says how much a pair's
-rotation matters at all (slow pairs barely rotate over a context).
+mean squared queries (which weigh key errors in the output-aware mode) and, for methods that keep rotary
+pairs (``decoupled_rope``), how much each rotary frequency pair contributes to the scores and
+:func:`rotation_loss`: how much a pair's rotation matters at all (slow pairs barely rotate over a context).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .attention import attention_modules
 def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_stats: bool = False) -> dict:
     """Per layer: ``cov`` (the input of k_proj/v_proj, float64 ``[hidden, hidden]``) and, with ``rope_stats``,
     ``pair_score [H, D/2]``: mean ``|q_f| |k_f|`` per rotary frequency pair of each KV head (summed over its
-    query heads), the post-norm queries and keys the model attends with."""
+    query heads), the post-norm queries and keys the model attends with, and ``rotation_loss [D/2]``."""
     attns = attention_modules(model)
     stats = [{"cov": None, "n": 0, "pair": None, "q2": None} for _ in attns]
     hooks = []
@@ -83,6 +83,7 @@ def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_st
     out = {"cov": [s["cov"] / s["n"] for s in stats], "q2": [s["q2"] / s["n"] for s in stats], "tokens": tokens}
     if rope_stats:
         out["pair_score"] = [s["pair"] / len(texts) for s in stats]
+        out["rotation_loss"] = [rotation_loss(model, i) for i in range(len(attns))]
     return out
 
 

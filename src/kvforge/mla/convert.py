@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .._compat import one_thread
-from .attention import METHODS, LatentAttention, attention_modules
-from .calibration import calibrate, rotation_loss
+from .attention import LatentAttention, attention_modules
+from .calibration import calibrate
+from .methods import REGISTRY, get_method
 
 
 @dataclass
@@ -69,7 +70,7 @@ def output_weights(attn, q2: torch.Tensor, key_rows: list[torch.Tensor]) -> tupl
     Returns the key weights for ``key_rows`` (per KV head, the head dims kept in the key matrix) and the
     block-diagonal value weight ``[H*d, H*d]``.
     """
-    from .attention import _norm_gain
+    from .methods import _norm_gain
 
     d = attn.head_dim
     hq = attn.q_proj.out_features // d
@@ -92,15 +93,22 @@ def output_weights(attn, q2: torch.Tensor, key_rows: list[torch.Tensor]) -> tupl
 
 def _left_weights(attn, stats: dict, i: int, method: str, rest: list[list[int]] | None,
                   key_weight: float) -> dict[str, torch.Tensor]:
-    """The left weight of each matrix :func:`convert` factors (see :func:`output_weights`); in a joint
-    matrix the key and value blocks are first scaled to their unweighted whitened norms, then the keys by
-    ``key_weight``, so the weighting reshapes each block without shifting the balance between them."""
+    """The left weight of each matrix :func:`convert` factors (see :func:`output_weights`), by the method's
+    latents: ``k`` (keys: ``rest`` rows per head, or all), ``v`` (values) or ``kv`` (keys over values). In
+    a joint matrix the key and value blocks are first scaled to their unweighted whitened norms, then the
+    keys by ``key_weight``, so the weighting reshapes each block without shifting the balance between them."""
     d = attn.head_dim
     h = attn.k_proj.out_features // d
     rows = [torch.tensor(r, dtype=torch.long) for r in rest] if rest is not None else [torch.arange(d)] * h
     lk, lv = output_weights(attn, stats["q2"][i], rows)
-    if method == "separate":
-        return {"k": torch.diag(lk), "v": lv}
+    latents = get_method(method).factors
+    out = {}
+    if "k" in latents:
+        out["k"] = torch.diag(lk)
+    if "v" in latents:
+        out["v"] = lv
+    if "kv" not in latents:
+        return out
     chol = torch.linalg.cholesky(stats["cov"][i] + 1e-6 * torch.trace(stats["cov"][i]) / stats["cov"][i].shape[0]
                                  * torch.eye(stats["cov"][i].shape[0], dtype=torch.float64))
     wv = attn.v_proj.weight.double() @ chol
@@ -108,7 +116,8 @@ def _left_weights(attn, stats: dict, i: int, method: str, rest: list[list[int]] 
     wk = torch.cat([wk[j, r] for j, r in enumerate(rows)]) @ chol
     nk = wk.norm() / (lk[:, None] * wk).norm() if wk.numel() else 1.0
     nv = wv.norm() / (lv @ wv).norm()
-    return {"kv": torch.block_diag(torch.diag(lk) * nk * key_weight, lv * nv)}
+    out["kv"] = torch.block_diag(torch.diag(lk) * nk * key_weight, lv * nv)
+    return out
 
 
 def allocate(spectra: list[torch.Tensor], budget: int, floor: int = 4, step: int = 1) -> list[int]:
@@ -170,8 +179,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     """
     from ..models import fingerprint, text_config
 
-    if method not in METHODS:
-        raise ValueError(f"unknown MLA method {method!r}; choose from {', '.join(METHODS)}")
+    impl = get_method(method)  # "unknown MLA method" for a name not in REGISTRY
     if rank_multiple < 1:
         raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
     if (ratio is None) == (rank is None):
@@ -185,51 +193,29 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
         raise ValueError(f"{type(model).__name__}: attention without k_proj/v_proj is not supported")
     if output_aware is None:
         h_, d_ = text_config(model).num_key_value_heads, attns[0].head_dim
-        eff = ratio if ratio is not None else 2 * h_ * d_ / (2 * rank if method == "separate" else rank)
+        eff = ratio if ratio is not None else 2 * h_ * d_ / (len(impl.factors) * rank)
         output_aware = whiten and eff <= 2.5
     if output_aware and not whiten:
         raise ValueError("output_aware weighting needs calibration statistics; use it with whiten=True")
-    need_cal = whiten or method == "decoupled_rope"
+    need_cal = whiten or impl.rope_stats
     if need_cal and not calibration:
         raise ValueError("calibration texts are required (whitening and rotary-pair selection); pass "
-                         "calibration=[...] or whiten=False with a method other than decoupled_rope")
+                         "calibration=[...] or whiten=False with a method that selects no rotary pairs "
+                         f"({', '.join(n for n, c in REGISTRY.items() if not c.rope_stats)})")
     if need_cal and tokenizer is None:
         raise ValueError("calibration needs the tokenizer")
     base_fp = fingerprint(model)
-    stats = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=method == "decoupled_rope") \
+    stats = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=impl.rope_stats) \
         if need_cal else {"cov": [None] * len(attns), "tokens": 0}
     tc = text_config(model)
     h = tc.num_key_value_heads
     d = attns[0].head_dim
 
-    # the matrices to factor, per layer
-    kept_all, rest_all, mats = [], [], []
-    for i, a in enumerate(attns):
-        wk, wv = a.k_proj.weight, a.v_proj.weight
-        if method == "separate":
-            mats.append({"k": wk, "v": wv})
-        elif method == "joint":
-            mats.append({"kv": torch.cat([wk, wv])})
-        else:
-            pairs = rope_pairs
-            if pairs is None:  # a quarter of the pairs, at most half of the layer's budget
-                pairs = d // 8
-                if ratio is not None:
-                    extra = h if getattr(a, "k_norm", None) is not None else 0
-                    pairs = max(0, min(pairs, int((2 * h * d / ratio / 2 - extra) // (2 * h))))
-            if not 0 <= pairs <= d // 2:
-                raise ValueError(f"rope_pairs must be in 0..{d // 2}, got {pairs}")
-            score = stats["pair_score"][i] * rotation_loss(model, i).to(stats["pair_score"][i])[None]
-            kept = score.topk(pairs, dim=1).indices.sort(dim=1).values.cpu()  # [H, pairs]
-            kept_all.append(kept)
-            dims = torch.cat([kept, kept + d // 2], 1)
-            rest = [[j for j in range(d) if j not in set(row.tolist())] for row in dims]
-            rest_all.append(rest)
-            wk_h = wk.view(h, d, -1)
-            wn = torch.cat([wk_h[j, rest[j]] for j in range(h)])
-            mats.append({"kv": torch.cat([wn, wv])})
+    # the matrices to factor, per layer (and the rotary pairs kept uncompressed, by methods that keep some)
+    kept_all = [impl.select_kept(a, i, stats, ratio, rope_pairs) for i, a in enumerate(attns)]
+    mats = [impl.matrices(a, kept) for a, kept in zip(attns, kept_all)]
     with one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
-        lefts = [_left_weights(a, stats, i, method, rest_all[i] if rest_all else None, key_weight)
+        lefts = [_left_weights(a, stats, i, method, impl.key_rows(a, kept_all[i]), key_weight)
                  if output_aware else {} for i, a in enumerate(attns)]
         bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
                   for k, w in m.items()} for i, m in enumerate(mats)]
@@ -238,8 +224,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
         flat = [min(rank // rank_multiple * rank_multiple or rank_multiple, len(s)) for s in spectra]
     else:
         full = 2 * h * d * len(attns)
-        overhead = sum(h * 2 * len(k[0]) + (h if getattr(a, "k_norm", None) is not None else 0)
-                       for k, a in zip(kept_all, attns)) if method == "decoupled_rope" else 0
+        overhead = sum(impl.extra_cache(a, k) for k, a in zip(kept_all, attns))
         budget = int(round(full / ratio)) - overhead
         if budget < len(spectra):
             raise ValueError(f"ratio {ratio} leaves {budget} latent dims for {len(spectra)} matrices "
@@ -249,12 +234,13 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     ranks, it = [], iter(flat)
     for m in mats:
         ranks.append({k: next(it) for k in m})
-    cfg = MLAConfig(method, ranks, [k.tolist() for k in kept_all] if kept_all else None, ratio, base_fp,
+    kept_pairs = None if kept_all[0] is None else [k.tolist() for k in kept_all]
+    cfg = MLAConfig(method, ranks, kept_pairs, ratio, base_fp,
                     name or getattr(model, "kvforge_name", ""), whiten, output_aware, key_weight, stats["tokens"])
     new_attns = install(model, cfg)
     with one_thread():
         for i, (a, new) in enumerate(zip(attns, new_attns)):
-            e = {}
+            e, factors = {}, {}
             for k, w in mats[i].items():
                 u = bases[i][k][0][:, : ranks[i][k]]  # [out, r]
                 if k in lefts[i]:  # W' = L^-1 U U^T L W, re-based (QR) so that the up-projection stays orthonormal
@@ -264,18 +250,9 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
                     down = tri @ down
                 else:
                     down = u.T @ w.double()
-                down = down.to(w.dtype)
+                factors[k] = (down.to(w.dtype), u.to(w.dtype))
                 e[k] = _energy(bases[i][k][1], ranks[i][k])
-                if method == "separate":
-                    getattr(new, f"down_{k}").weight.copy_(down)
-                    getattr(new, f"up_{k}").copy_(u.to(w.dtype))
-                else:
-                    new.down.weight.copy_(down)
-                    new.up.copy_(u.to(w.dtype))
-            if method == "decoupled_rope":
-                wk_h = a.k_proj.weight.view(h, d, -1)
-                new.rope_k.weight.copy_(torch.cat([wk_h[j, new.kept_dims[j]] for j in range(h)]))
-            _copy_biases(a, new, method, h, d)
+            impl.load(new, a, factors)  # the factors, the kept rotary rows and the biases
             cfg.retained_energy.append(e)
     model.config.kvforge_mla = cfg.to_dict()
     return cfg
@@ -293,27 +270,13 @@ def install(model, cfg: MLAConfig) -> list[LatentAttention]:
     rotary = getattr(model, "model", model).rotary_emb
     out = []
     for i, a in enumerate(attns):
-        kept = torch.tensor(cfg.kept_pairs[i]) if cfg.method == "decoupled_rope" else None
+        kept = torch.tensor(cfg.kept_pairs[i]) if cfg.kept_pairs is not None else None
         new = LatentAttention(a, cfg.method, cfg.ranks[i], rotary, types[i], kept).to(a.q_proj.weight.device)
         model.model.layers[i].self_attn = new
         out.append(new)
     model.kvforge_mla = cfg
     model.__dict__.pop("_kvforge_fingerprint", None)
     return out
-
-
-def _copy_biases(a, new: LatentAttention, method: str, h: int, d: int) -> None:
-    """Biases of k_proj/v_proj move to the up-projections (and rope_k for the kept key dims)."""
-    if a.v_proj.bias is not None:
-        new.v_bias.copy_(a.v_proj.bias)
-    if a.k_proj.bias is None:
-        return
-    if method != "decoupled_rope":
-        new.k_bias.copy_(a.k_proj.bias)
-        return
-    b = a.k_proj.bias.view(h, d)
-    new.rope_k.bias.copy_(torch.cat([b[j, new.kept_dims[j]] for j in range(h)]))
-    new.k_bias.copy_(torch.cat([b[j, new.rest_dims[j]] for j in range(h)]))
 
 
 def kv_bytes_per_token(model, dtype_bytes: int = 2) -> int:

@@ -64,9 +64,8 @@ def trainable(model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]
         if not isinstance(a, LatentAttention):
             raise ValueError("the model has attention that is not latent; convert it first (kvforge.mla.convert)")
         stiefel += a.stiefel()
-        for name in ("down", "down_k", "down_v", "rope_k"):
-            if hasattr(a, name):
-                other += list(getattr(a, name).parameters())
+        for module in a.impl.trainable_modules(a):
+            other += list(module.parameters())
         other += [p for p in (a.k_bias, a.v_bias) if p is not None]
     return stiefel, other
 
@@ -132,7 +131,7 @@ def finetune(student, teacher, tokenizer, cfg: FinetuneConfig, train_text: str, 
         p.requires_grad_(True)
     # geoopt reads the manifold off the parameter: swap each up-projection for a ManifoldParameter in place
     for a in attention_modules(student):
-        for name in ("up", "up_k", "up_v"):
+        for _, name in a.impl.factors.values():
             p = getattr(a, name, None)
             if isinstance(p, torch.nn.Parameter) and not isinstance(p, geoopt.ManifoldParameter):
                 setattr(a, name, geoopt.ManifoldParameter(p.data, manifold=manifold))
