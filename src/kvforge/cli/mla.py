@@ -63,12 +63,12 @@ def _calibration(args) -> list[str]:
 
 
 def cmd_convert(args) -> int:
-    from ..mla import compression, convert, save_converted
+    from ..mla import REGISTRY, compression, convert, save_converted
     from ..models import load_model
 
     model, tok = load_model(args.model)
     cfg = convert(model, tok, ratio=args.ratio, rank=args.rank, method=args.method,
-                  calibration=None if args.no_whiten and args.method != "decoupled_rope" else _calibration(args),
+                  calibration=None if args.no_whiten and not REGISTRY[args.method].rope_stats else _calibration(args),
                   whiten=not args.no_whiten, rope_pairs=args.rope_pairs, name=args.model,
                   output_aware={"auto": None, "on": True, "off": False}[args.output_aware],
                   rank_multiple=args.rank_multiple)
