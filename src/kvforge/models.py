@@ -232,6 +232,19 @@ def layer_types(model_or_config) -> list[str]:
     return list(types)
 
 
+def kv_bytes_fp16(model_or_config, tokens: int) -> int:
+    """Bytes a float16 ``DynamicCache`` of the model's own architecture holds after ``tokens`` tokens (sliding
+    layers keep their last ``sliding_window - 1``): the baseline kvforge reports cache sizes against, since
+    people compare KV caches with fp16 whatever dtype the model runs in."""
+    cfg = text_config(model_or_config)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    window = getattr(cfg, "sliding_window", None)
+    held = [min(tokens, window - 1) if kind == "sliding_attention" and window else tokens
+            for kind in layer_types(model_or_config)]
+    return sum(held) * kv_heads * head_dim * 2 * 2  # keys and values, 2 bytes each
+
+
 def fingerprint(model) -> str:
     """A short hash naming a model's architecture and weights.
 

@@ -32,3 +32,29 @@ def plot_norms(description, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_demo_summary(results, path: str | Path, model_name: str = "") -> Path:
+    """``kvforge demo``'s summary: KV bytes per token of each step's cache next to its float16 baseline, with
+    each step's quality (agreement, perplexity change, speed) written on its bar."""
+    rows = [r for r in results if r.bytes_per_token is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.8 * max(2, len(rows)) + 1.2))
+    y = list(range(len(rows)))
+    ax.barh([i + 0.2 for i in y], [r.fp16_bytes_per_token for r in rows], height=0.4, color="#bbbbbb",
+            label="fp16 cache of the same model")
+    ax.barh([i - 0.2 for i in y], [r.bytes_per_token for r in rows], height=0.4, color="#3b75af",
+            label="this step's cache")
+    for i, r in zip(y, rows):
+        ax.text(r.bytes_per_token, i - 0.2, f"  {r.bytes_per_token:,.0f} B  {r.quality}", va="center", fontsize=8)
+    ax.set_yticks(y, [r.step for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("KV bytes per token")
+    ax.set_title(f"kvforge demo{' on ' + model_name if model_name else ''}: bytes per token and quality per step")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, 1.45 * max([r.bytes_per_token for r in rows] + [r.fp16_bytes_per_token for r in rows] + [1]))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -40,11 +40,15 @@ def add_commands(sub) -> None:
     p.add_argument("--stats-json", type=Path, help="write token counts and timings as JSON")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job: prefill, save, reload and continue on a bundled model")
+    p = sub.add_parser("demo", help="the main job: every capability on the bundled models, a line and a time per step")
     _model_arg(p, default="smollm2-135m")
-    p.add_argument("--tokens", type=int, default=1024, help="context length to prefill (default 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--workdir", type=Path, help="where to keep the saved state (default: a temporary dir)")
+    p.add_argument("--tokens", type=int, default=1024, help="passage length to prefill, about (default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--workdir", type=Path, help="where to keep the saved states and the summary plot (default: a "
+                   "temporary dir)")
+    p.add_argument("--quick", action="store_true", help="only prefill + save and continue from the saved state")
+    p.add_argument("--steps", help="comma-separated steps: prefill, continue, quant, mla, translate, serve")
+    p.add_argument("--target", default="gemma3-270m", help="the model the translate step hands the passage to")
     p.set_defaults(func=cmd_demo)
 
 
@@ -163,7 +167,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from ..demo import pick_steps, run_demo
 
-    run_demo(args.model, tokens=args.tokens, max_new_tokens=args.max_new_tokens, workdir=args.workdir, dtype=args.dtype)
+    pick_steps(args.steps, args.quick)  # a bad --steps fails before any model loads
+    run_demo(args.model, tokens=args.tokens, max_new_tokens=args.max_new_tokens, workdir=args.workdir, dtype=args.dtype,
+             steps=args.steps, quick=args.quick, target_name=args.target)
     return 0
