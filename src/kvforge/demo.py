@@ -200,7 +200,9 @@ class Demo:
         with_ctx = generate(tgt, t_tok, QUESTION, max_new_tokens=self.max_new_tokens, state=translated)
         without = generate(tgt, t_tok, QUESTION.strip(), max_new_tokens=self.max_new_tokens)
         n = translated.num_tokens
-        held, fp16 = translated.nbytes / n, self.fp16(tgt) * self.ids.shape[1] / n
+        from .models import kv_bytes_fp16
+
+        held, fp16 = translated.nbytes / n, kv_bytes_fp16(tgt, n) / n
         line = (f"{self.name}'s cache translated into {t_name} in {t_tr:.2f}s ({t_name}'s own prefill: {t_own:.2f}s, "
                 f"{t_own / max(t_tr, 1e-9):.1f}x); answer with it: {with_ctx.text.strip()[:70]!r}; without: "
                 f"{without.text.strip()[:70]!r}")

@@ -21,14 +21,22 @@ class Description:
             "batch": s.batch_size,
             "nbytes": s.nbytes,
             "bytes_per_token": s.nbytes / max(1, s.num_tokens * s.batch_size),
+            "fp16_bytes_per_token": self.fp16_bytes / max(1, s.num_tokens * s.batch_size),
             "layers": self.rows,
         }
 
+    @property
+    def fp16_bytes(self) -> int:
+        """Bytes the same tokens take in a float16 cache (the size people compare KV caches with)."""
+        return sum(r["fp16_bytes"] for r in self.rows)
+
     def __str__(self) -> str:
         s = self.state
+        per = max(1, s.num_tokens * s.batch_size)
         lines = [
             f"{s.model_name or 'model'} [{s.fingerprint}]  tokens={s.num_tokens} batch={s.batch_size} "
-            f"layers={len(s.layers)}  {format_bytes(s.nbytes)} ({s.nbytes / max(1, s.num_tokens * s.batch_size):,.0f} B/token)",
+            f"layers={len(s.layers)}  {format_bytes(s.nbytes)} ({s.nbytes / per:,.0f} B/token; "
+            f"{self.fp16_bytes / max(1, s.nbytes):.2f}x vs fp16 at {self.fp16_bytes / per:,.0f} B/token)",
             f"{'layer':>5} {'type':<8} {'enc':<6} {'shape':<20} {'bytes':>10}  key norm / head    value norm / head",
         ]
         for r in self.rows:

@@ -318,6 +318,7 @@ class KVState:
                     "shape": list(k.shape),
                     "tokens": layer.length,
                     "bytes": layer.nbytes,
+                    "fp16_bytes": 2 * (k.numel() + v.numel()),  # the same tokens as a float16 cache
                     # mean L2 norm of one token's key (value) per KV head: [kv_heads]
                     "key_norm": k.norm(dim=-1).mean(dim=(0, 2)).tolist() if k.numel() else [],
                     "value_norm": v.norm(dim=-1).mean(dim=(0, 2)).tolist() if v.numel() else [],

@@ -124,7 +124,8 @@ def cmd_ppl(args) -> int:
         base = perplexity(model, tok, "dynamic", **kw)
     r = perplexity(model, tok, args.cache, baseline=base, **kw)
     lines = [f"{r.cache} ({r.mode}): PPL {r.ppl:.4f}  NLL {r.nll:.5f}  tokens {r.tokens}  "
-             f"{r.bytes_per_token:,.0f} B/token  {1000 * r.seconds_per_token:.2f} ms/token"]
+             f"{r.bytes_per_token:,.0f} B/token ({r.fp16_bytes_per_token / r.bytes_per_token:.2f}x vs an fp16 cache's "
+             f"{r.fp16_bytes_per_token:,.0f})  {1000 * r.seconds_per_token:.2f} ms/token"]
     if base is not None:
         lines.append(f"dynamic baseline: PPL {base.ppl:.4f}  ({100 * r.rel_change:+.2f}%)  "
                      f"{base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")

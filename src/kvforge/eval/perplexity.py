@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..models import kv_bytes_fp16
 from ..progress import progress
 from ..run import window_nll
 from ..specs import cache_nbytes
@@ -34,6 +35,7 @@ class PerplexityResult:
     context: int
     chunk: int
     bytes_per_token: float  # cache bytes held after the window / tokens it holds
+    fp16_bytes_per_token: float  # the same for a float16 DynamicCache of the model (what sizes are compared with)
     seconds_per_token: float  # wall time of the scoring passes per scored token
     per_window_nll: list[float] = field(default_factory=list)
     baseline_ppl: float | None = None
@@ -80,7 +82,7 @@ def perplexity(
             text = load_text("pydoc", "eval")
         windows = token_windows(tokenizer, text, n_windows, context + score)
     device = model_device(model)
-    total, count, secs, bytes_tok, per_window = 0.0, 0, 0.0, 0.0, []
+    total, count, secs, bytes_tok, fp16_tok, per_window = 0.0, 0, 0.0, 0.0, 0.0, []
     for ids in progress(windows, desc=f"ppl {label}", disable=not show_progress):
         if ids.shape[1] != context + score:
             raise ValueError(f"window has {ids.shape[1]} tokens, expected context + score = {context + score}")
@@ -88,7 +90,8 @@ def perplexity(
         nll, k, s = window_nll(model, ids.to(device), c, context, chunk, single_pass)
         total, count, secs = total + nll, count + k, secs + s
         per_window.append(nll / k)
-        bytes_tok = cache_nbytes(c) / max(1, c.get_seq_length())
+        seen = max(1, c.get_seq_length())
+        bytes_tok, fp16_tok = cache_nbytes(c) / seen, kv_bytes_fp16(model, seen) / seen
         del c
     mean = total / count
     return PerplexityResult(
@@ -101,6 +104,7 @@ def perplexity(
         context=context,
         chunk=score if single_pass else chunk,
         bytes_per_token=bytes_tok,
+        fp16_bytes_per_token=fp16_tok,
         seconds_per_token=secs / count,
         per_window_nll=per_window,
         baseline_ppl=baseline.ppl if baseline is not None else None,

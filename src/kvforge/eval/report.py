@@ -18,9 +18,10 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per cache; ratios are against the ``dynamic`` row of the same run."""
+    """One line per cache; ΔPPL and time are against the ``dynamic`` row of the same run, bytes against a
+    float16 cache of the same model ("vs fp16": 2.00x = half its bytes; a float32 ``dynamic`` is 0.50x)."""
     base = next((r for r in rows if r["cache"] == "dynamic" and "ppl" in r), None)
-    head = ("| cache | PPL | ΔPPL | NLL | tokens | agree | first div | KL | needle | B/token | vs dynamic | "
+    head = ("| cache | PPL | ΔPPL | NLL | tokens | agree | first div | KL | needle | B/token | vs fp16 | "
             "s/token | time vs dynamic |")
     lines = [head, "|" + "|".join(["---"] * 13) + "|"]
     for r in rows:
@@ -31,8 +32,9 @@ def markdown_table(rows: list[dict]) -> str:
         p, a, n = r.get("ppl"), r.get("agree"), r.get("needle")
         size = speed = None
         if p and base:
-            size = base["ppl"]["bytes_per_token"] / p["bytes_per_token"] if p["bytes_per_token"] else None
             speed = p["seconds_per_token"] / base["ppl"]["seconds_per_token"]
+        if p and p.get("fp16_bytes_per_token") and p["bytes_per_token"]:
+            size = p["fp16_bytes_per_token"] / p["bytes_per_token"]  # > 1: smaller than a float16 cache
         rel = p.get("rel_change") if p else None
         lines.append(
             "| " + " | ".join([
@@ -46,7 +48,7 @@ def markdown_table(rows: list[dict]) -> str:
                 "-" if not a else f"{a['mean_kl']:.4f}",
                 "-" if not n else f"{100 * n['mean_accuracy']:.0f}%",
                 _fmt(p and p["bytes_per_token"], ",.0f"),
-                "-" if size is None else f"{size:.2f}x smaller",
+                "-" if size is None else f"{size:.2f}x",
                 "-" if not p else f"{1000 * p['seconds_per_token']:.1f} ms",
                 "-" if speed is None else f"{speed:.2f}x",
             ]) + " |"
