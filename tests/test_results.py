@@ -88,3 +88,16 @@ def test_relative_paths():
     assert relative("benchmarks/results") == "benchmarks/results"
     assert portable({"a": [cwd + "/x", "not/abs", 3]}) == {"a": ["x", "not/abs", 3]}
     assert command_line([os.path.join(cwd, "src", "kvforge", "__main__.py"), "bench"]) == "python -m kvforge bench"
+
+
+def test_committed_results_hold_no_absolute_machine_paths():
+    """Results are shared: a path of the machine that made them (its home, work or temporary folders) says
+    nothing to a reader and leaks the machine's layout."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    pattern = re.compile(r"(?<![\w.])/(?:work|root|home|tmp|Users|private)/")
+    bad = [str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".json", ".md", ".csv")
+           and pattern.search(p.read_text(errors="replace"))]
+    assert not bad, f"absolute machine paths in {bad}"
