@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import run
 from .attention import LatentAttention
 from .convert import attention_modules
 
@@ -156,10 +157,8 @@ def finetune(student, teacher, tokenizer, cfg: FinetuneConfig, train_text: str, 
     device = next(student.parameters()).device
     data = [w.to(device) for w in windows(tokenizer, train_text, None, cfg.seq_len)]
     val = [w.to(device) for w in windows(tokenizer, val_text, cfg.val_windows, cfg.seq_len)]
-    with torch.no_grad():
-        nll = sum(F.cross_entropy(teacher(input_ids=v, use_cache=False).logits[0, :-1].float(), v[0, 1:],
-                                  reduction="sum").item() for v in val)
-    teacher_ppl = math.exp(nll / sum(v.shape[1] - 1 for v in val))
+    scored = [run.score(teacher, run.new_cache(teacher), v, single_pass_context=1)[:2] for v in val]
+    teacher_ppl = math.exp(sum(s[0] for s in scored) / sum(s[1] for s in scored))
     if not history:
         v = _validate(student, teacher, val, cfg) | {"step": 0}
         history.append(v)
