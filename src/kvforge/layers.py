@@ -96,15 +96,17 @@ def crop_amount(argument: int, held: int) -> int:
 class KVLayer(CacheLayerMixin):
     """Base of kvforge's cache layer classes (see the module docstring for the contract).
 
-    Subclasses set ``kind`` (the ``LayerState`` encoding they export) and implement the transformers
-    layer API plus ``export_state``, ``load_state``, ``nbytes`` and, for ``kind != "dense"``,
-    ``decode_state``. ``crop`` is implemented here once: subclasses implement ``_remove_last(n)``.
+    Subclasses set ``kind`` (the ``LayerState`` encoding they export) and ``batch_tensors``, and implement
+    the transformers layer API plus ``export_state``, ``load_state``, ``nbytes`` and, for ``kind != "dense"``,
+    ``decode_state``. ``crop`` and the batch operations of beam search are implemented here once:
+    subclasses implement ``_remove_last(n)`` (and ``_restrict()`` if they drop old tokens).
     """
 
     kind: ClassVar[str] = "dense"
     is_compileable = False
     is_croppable = True
     record_past = False  # transformers' switch for rollback (assisted decoding): keep what a window would drop
+    batch_tensors: ClassVar[tuple[str, ...]] = ("keys", "values")  # the tensors whose dim 0 is the batch
 
     def activate_past_recording(self) -> None:
         """Keep tokens a sliding window would drop until the next ``crop`` (transformers calls this before
@@ -124,6 +126,21 @@ class KVLayer(CacheLayerMixin):
 
     def _restrict(self) -> None:
         """After a ``crop``: drop what the layer no longer needs (a sliding window's old tokens)."""
+
+    def _apply_batch(self, fn) -> None:
+        if self.is_initialized:
+            for name in self.batch_tensors:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes row ``beam_idx[i]``."""
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices, ...])
 
     def export_state(self) -> LayerState:
         raise NotImplementedError

@@ -26,6 +26,10 @@ def plot_norms(description, path: str | Path) -> Path:
         fig.colorbar(im, ax=ax)
     name = description.state.model_name or description.state.fingerprint
     fig.suptitle(f"{name}: {description.state.num_tokens} tokens (s = sliding layer)")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,9 +56,4 @@ def plot_demo_summary(results, path: str | Path, model_name: str = "") -> Path:
     ax.set_title(f"kvforge demo{' on ' + model_name if model_name else ''}: bytes per token and quality per step")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, 1.45 * max([r.bytes_per_token for r in rows] + [r.fp16_bytes_per_token for r in rows] + [1]))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

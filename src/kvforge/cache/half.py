@@ -76,19 +76,6 @@ class HalfLayer(KVLayer):
     def get_max_length(self) -> int:
         return self.sliding_window if self.sliding_window is not None else -1
 
-    def _apply_batch(self, fn) -> None:
-        if self.is_initialized:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices, ...])
-
     @property
     def nbytes(self) -> int:
         return 0 if not self.is_initialized else sum(t.numel() * t.element_size() for t in (self.keys, self.values))

@@ -28,6 +28,7 @@ class PreallocatedLayer(KVLayer):
     """``[batch, kv_heads, max_seq_len, head_dim]`` allocated once; new tokens are written in place."""
 
     is_sliding = False
+    batch_tensors = ("_k", "_v")
 
     def __init__(self, max_seq_len: int, **kwargs):
         super().__init__()
@@ -82,21 +83,9 @@ class PreallocatedLayer(KVLayer):
         self.length -= n
         self._refresh()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _apply_batch(self, fn) -> None:
+        super()._apply_batch(fn)
         if self.is_initialized:
-            self._k = self._k.index_select(0, beam_idx.to(self.device))
-            self._v = self._v.index_select(0, beam_idx.to(self.device))
-            self._refresh()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._k = self._k.repeat_interleave(repeats, dim=0)
-            self._v = self._v.repeat_interleave(repeats, dim=0)
-            self._refresh()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
             self._refresh()
 
     @property

@@ -32,6 +32,7 @@ class QuantizedLayer(KVLayer, DynamicLayer):
 
     kind = KIND
     is_sliding = False
+    batch_tensors = (*_STORE, "res_k", "res_v")
 
     def __init__(self, config: QuantConfig, fused: bool = False, sliding_window: int | None = None):
         super().__init__()
@@ -241,21 +242,6 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         t0, t1 = g0 * g, g1 * g
         return (self.k_codes[:, :, t0:t1], self.k_scale[:, :, g0:g1], self.k_zero[:, :, g0:g1],
                 self.v_codes[:, :, t0:t1], self.v_scale[:, :, t0:t1], self.v_zero[:, :, t0:t1])
-
-    def _apply_batch(self, fn) -> None:
-        if not self.is_initialized:
-            return
-        for name in (*_STORE, "res_k", "res_v"):
-            setattr(self, name, fn(getattr(self, name)))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices, ...])
 
     def offload(self):
         self._apply_batch(lambda t: t.to("cpu", non_blocking=True))
