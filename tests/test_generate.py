@@ -7,7 +7,8 @@ import torch
 from kvhelpers import CONTEXT, QUESTION, ids_of, one_thread
 
 from kvforge import generate, prefill
-from kvforge.generate import TokenCounter, sample_next
+from kvforge.generate import TokenCounter
+from kvforge.run import sample_next
 
 N_NEW = 16
 

@@ -14,7 +14,6 @@ import torch
 
 from . import run
 from .progress import progress
-from .run import sample_next  # noqa: F401  (re-exported: the server samples with it)
 from .state import KVState
 
 
