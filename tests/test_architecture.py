@@ -18,7 +18,7 @@ FOUNDATION = {"kvforge", "kvforge._capabilities", "kvforge._compat", "kvforge.mo
               "kvforge.layers", "kvforge.run", "kvforge.rope", "kvforge.specs", "kvforge.results",
               "kvforge.progress", "kvforge.texts", "kvforge.plots", "kvforge.generate", "kvforge.artifacts",
               "kvforge.describe"}
-CAPABILITIES = ("kvforge.cache", "kvforge.quant", "kvforge.mla", "kvforge.translate", "kvforge.eval",
+CAPABILITIES = ("kvforge.cache", "kvforge.peers", "kvforge.quant", "kvforge.mla", "kvforge.translate", "kvforge.eval",
                 "kvforge.serve", "kvforge.cli", "kvforge.demo")
 MAX_LINES = 400
 

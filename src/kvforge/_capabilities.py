@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-CAPABILITIES = ("kvforge.cache", "kvforge.quant", "kvforge.mla")
+CAPABILITIES = ("kvforge.cache", "kvforge.peers", "kvforge.quant", "kvforge.mla")
 
 
 def load_capabilities() -> None:

@@ -1,7 +1,7 @@
-"""kvforge's reference caches (pre-allocated, noisy), the built-in specs, and the peers' caches behind spec names."""
+"""kvforge's reference caches (pre-allocated, noisy, half) and the built-in specs (the peers' caches are in
+:mod:`kvforge.peers`)."""
 
 from . import half as _half  # noqa: F401  (registers the half spec)
-from . import peers as _peers  # noqa: F401  (registers the peers' specs)
 from . import specs as _specs  # noqa: F401  (registers dynamic, preallocated, noisy)
 from .preallocated import CacheOverflowError, PreallocatedCache, PreallocatedLayer
 
