@@ -107,3 +107,22 @@ def test_no_import_cycles():
 def test_no_source_file_over_the_limit():
     long = {str(p.relative_to(SRC)): n for p in FILES if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_every_file_format_refuses_a_newer_version_with_one_error_type(tmp_path, tiny_llama):
+    """KV states, translators and MLA conversions share one version check and one error type."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from kvforge.artifacts import ArtifactError
+    from kvforge.mla.io import MLA_FILE, read_config
+    from kvforge.translate import Translator
+
+    (tmp_path / MLA_FILE).write_text(json.dumps({"format": 99, "config": {}}))
+    with pytest.raises(ArtifactError, match="MLA conversion format version 99, newer"):
+        read_config(tmp_path)
+    save_file({"x": __import__("torch").zeros(1)}, str(tmp_path / "t.safetensors"),
+              metadata={"kvforge-translator": json.dumps({"format": 99, "config": {}})})
+    with pytest.raises(ArtifactError, match="translator format version 99, newer"):
+        Translator.load(tmp_path / "t.safetensors")

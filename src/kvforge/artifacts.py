@@ -45,15 +45,20 @@ def make_header(format_name: str, version: int, tensors: dict[str, torch.Tensor]
     return header
 
 
+def check_version(found: Any, version: int, where: str, what: str, error=ArtifactError) -> None:
+    """Raise ``error`` unless ``found`` is a format version (an int) no newer than ``version``: the one version
+    check of every kvforge file (KV states, translators, MLA conversions)."""
+    if not isinstance(found, int) or found > version:
+        raise error(f"{where}: written in {what} format version {found}, newer than this kvforge reads "
+                    f"(version {version}); upgrade kvforge")
+
+
 def check_header(header: Any, format_name: str, version: int, where: str, error=ArtifactError) -> dict:
     """Raise ``error`` unless ``header`` is a kvforge header of ``format_name`` no newer than ``version``."""
     if not isinstance(header, dict) or header.get("format") != format_name:
         got = header.get("format") if isinstance(header, dict) else None
         raise error(f"{where}: not a {format_name} file (format {got!r})")
-    found = header.get("format_version")
-    if not isinstance(found, int) or found > version:
-        raise error(f"{where}: written in {format_name} format version {found}, newer than this kvforge reads "
-                    f"(version {version}); upgrade kvforge")
+    check_version(header.get("format_version"), version, where, format_name, error)
     return header
 
 

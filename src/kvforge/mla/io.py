@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import ArtifactError
+from ..artifacts import ArtifactError, check_version
 from ..models import register_loader
 from .convert import MLAConfig, install
 
@@ -43,8 +43,7 @@ def read_config(directory: str | Path) -> MLAConfig:
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: not a readable kvforge MLA config ({e})") from e
-    if info.get("format", 0) > FORMAT:
-        raise ArtifactError(f"{path}: MLA format {info['format']} is newer than this kvforge ({FORMAT})")
+    check_version(info.get("format", 0), FORMAT, str(path), "kvforge MLA conversion")
     return MLAConfig(**info["config"])
 
 

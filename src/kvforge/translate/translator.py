@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import ArtifactError
+from ..artifacts import ArtifactError, check_version
 from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
 from .align import align
@@ -237,8 +237,7 @@ class Translator(torch.nn.Module):
         if "kvforge-translator" not in meta:
             raise ArtifactError(f"{path}: not a kvforge translator (no 'kvforge-translator' metadata)")
         info = json.loads(meta["kvforge-translator"])
-        if info["format"] > FORMAT:
-            raise ArtifactError(f"{path}: translator format {info['format']} is newer than this kvforge ({FORMAT})")
+        check_version(info.get("format"), FORMAT, str(path), "kvforge translator")
         t = cls(TranslatorConfig(**info["config"]))
         t.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return t
