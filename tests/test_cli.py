@@ -101,7 +101,8 @@ def test_inspect_a_saved_state_needs_no_model(tiny_gemma, tmp_path, capsys):
     model, tok = tiny_gemma
     state = prefill(model, tok, CONTEXT)
     path = state.save(tmp_path / "tiny.kv")
-    code, out, err = run_main(capsys, "inspect", "--model", "unused", "--cache", path, "--json",
+    # "tiny-gemma" names the state's model but cannot be loaded: inspecting a file loads no model
+    code, out, err = run_main(capsys, "inspect", "--model", "tiny-gemma", "--cache", path, "--json",
                               "--plot", tmp_path / "norms.png")
     assert code == 0, err
     desc = json.loads(out)
@@ -109,8 +110,10 @@ def test_inspect_a_saved_state_needs_no_model(tiny_gemma, tmp_path, capsys):
     assert [row["layer"] for row in desc["layers"]] == list(range(len(state)))
     assert [row["tokens"] for row in desc["layers"]] == [layer.length for layer in state.layers]
     assert (tmp_path / "norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run_main(capsys, "inspect", "--model", "smollm2-135m", "--cache", path)
+    assert code == 2 and "holds a KV state of tiny-gemma, not of --model smollm2-135m" in err
 
-    code, out, _ = run_main(capsys, "inspect", "--model", "unused", "--cache", path)
+    code, out, _ = run_main(capsys, "inspect", "--model", "tiny-gemma", "--cache", path)
     assert code == 0
     table_rows = out.strip().splitlines()[2:]
     assert len(table_rows) == len(state)

@@ -70,7 +70,7 @@ def test_unknown_parameter_lists_parameters():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("preallocated:max_seq_len=big", "is not a int"), ("preallocated:max_seq_len=1.5", "is not a int"),
+    [("preallocated:max_seq_len=big", "is not an int"), ("preallocated:max_seq_len=1.5", "is not an int"),
      ("noisy:std=abc", "is not a float")],
 )
 def test_wrong_type_parameter(text, expected):

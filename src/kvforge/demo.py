@@ -12,18 +12,20 @@ Steps (``--steps`` picks, ``--quick`` keeps the first two):
 ``serve``      how to start the OpenAI-compatible server
 
 Sizes are against a float16 cache of the same model (what people compare KV caches with); the float32
-figure of the model as run here is given beside it. A PNG summary goes into the working folder.
+figure of the model as run here is given beside it. A PNG summary goes into the working folder
+(``--workdir``, default ``~/.cache/kvforge/demo``, reused by every run).
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .models import size_vs_fp16
 
 STEPS = ("prefill", "continue", "quant", "mla", "translate", "serve")
 QUICK = ("prefill", "continue")
@@ -56,10 +58,6 @@ def pick_steps(steps: str | None, quick: bool) -> list[str]:
     if {"continue", "quant"} & set(chosen) and "prefill" not in chosen:
         chosen.append("prefill")  # continuing and comparing need the saved passage
     return [s for s in STEPS if s in chosen]
-
-
-def ratio(fp16: float, held: float) -> str:
-    return f"{fp16 / held:.1f}x smaller than fp16" if held <= fp16 else f"{held / fp16:.1f}x larger than fp16"
 
 
 class Demo:
@@ -140,7 +138,7 @@ class Demo:
         pairs = list(zip(out.token_ids, ref))
         agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
         held, fp16 = qstate.nbytes / qstate.num_tokens, self.fp16()
-        line = (f"quantized cache (kvforge-quant:preset=safe, K4/V4): {held:,.0f} B/token, {ratio(fp16, held)} "
+        line = (f"quantized cache (kvforge-quant:preset=safe, K4/V4): {held:,.0f} B/token, {size_vs_fp16(held, fp16)} "
                 f"(file {format_bytes(path.stat().st_size)}); greedy agreement with full precision "
                 f"{100 * agree:.0f}% of {len(pairs)} tokens")
         return StepResult("quant", line, seconds, held, fp16, f"{100 * agree:.0f}% agreement", {"agreement": agree})
@@ -179,7 +177,7 @@ class Demo:
         held, fp16 = kv_bytes_per_token(model, 2), self.fp16()
         change = conv.ppl / base.ppl - 1
         line = (f"latent attention at 2x ({'cached conversion' if cached else 'converted now'}): {held:,.0f} B/token in "
-                f"fp16, {ratio(fp16, held)}; perplexity {base.ppl:.2f} -> {conv.ppl:.2f} ({100 * change:+.1f}%) on "
+                f"fp16, {size_vs_fp16(held, fp16)}; perplexity {base.ppl:.2f} -> {conv.ppl:.2f} ({100 * change:+.1f}%) on "
                 f"{kw['score']} held-out tokens")
         return StepResult("mla", line, time.perf_counter() - t, held, fp16, f"PPL {100 * change:+.1f}%",
                           {"ppl_change": change})
@@ -197,12 +195,14 @@ class Demo:
         t = time.perf_counter()
         prefill(tgt, t_tok, self.passage, chunk_size=512)
         t_own = time.perf_counter() - t
+        from .models import kv_bytes_fp16
+        from .specs import cache_nbytes
+
+        cache = translated.to_cache(tgt)  # what the target holds: its sliding layers keep their window
+        n = translated.num_tokens
+        held, fp16 = cache_nbytes(cache) / n, kv_bytes_fp16(tgt, n) / n
         with_ctx = generate(tgt, t_tok, QUESTION, max_new_tokens=self.max_new_tokens, state=translated)
         without = generate(tgt, t_tok, QUESTION.strip(), max_new_tokens=self.max_new_tokens)
-        n = translated.num_tokens
-        from .models import kv_bytes_fp16
-
-        held, fp16 = translated.nbytes / n, kv_bytes_fp16(tgt, n) / n
         line = (f"{self.name}'s cache translated into {t_name} in {t_tr:.2f}s ({t_name}'s own prefill: {t_own:.2f}s, "
                 f"{t_own / max(t_tr, 1e-9):.1f}x); answer with it: {with_ctx.text.strip()[:70]!r}; without: "
                 f"{without.text.strip()[:70]!r}")
@@ -237,7 +237,7 @@ def run_demo(model_name: str = "smollm2-135m", tokens: int = 1024, max_new_token
 
     chosen = pick_steps(steps, quick)
     console = Console()
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kvforge-demo-"))
+    workdir = Path(workdir) if workdir else cache_dir() / "demo"  # one folder, reused: runs do not pile up
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_model(model_name, dtype=dtype)
@@ -252,7 +252,9 @@ def run_demo(model_name: str = "smollm2-135m", tokens: int = 1024, max_new_token
     demo = Demo(model, tok, model_name, workdir, tokens, max_new_tokens, target=target, translator=translator,
                 conversion_dir=cache_dir() / "conversions" / f"{model_name}-mla-2x")
     results = run_steps(demo, chosen, console)
-    png = plot_demo_summary(results, workdir / "demo-summary.png", model_name)
-    console.print(f"summary plot: {png}; saved states in {workdir}; all steps {time.perf_counter() - t0:.1f}s",
-                  markup=False, highlight=False, soft_wrap=True)
+    done = f"total {time.perf_counter() - t0:.1f}s (model loading and the comparison runs included)"
+    if any(r.bytes_per_token is not None for r in results):
+        png = plot_demo_summary(results, workdir / "demo-summary.png", model_name)
+        done = f"summary plot: {png}; saved states in {workdir}; " + done
+    console.print(done, markup=False, highlight=False, soft_wrap=True)
     return results

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .models import size_vs_fp16
+
 
 class Description:
     """``KVState.describe()``: per-layer rows, printable as a table."""
@@ -35,16 +37,16 @@ class Description:
         per = max(1, s.num_tokens * s.batch_size)
         lines = [
             f"{s.model_name or 'model'} [{s.fingerprint}]  tokens={s.num_tokens} batch={s.batch_size} "
-            f"layers={len(s.layers)}  {format_bytes(s.nbytes)} ({s.nbytes / per:,.0f} B/token; "
-            f"{self.fp16_bytes / max(1, s.nbytes):.2f}x vs fp16 at {self.fp16_bytes / per:,.0f} B/token)",
-            f"{'layer':>5} {'type':<8} {'enc':<6} {'shape':<20} {'bytes':>10}  key norm / head    value norm / head",
+            f"layers={len(s.layers)}  {format_bytes(s.nbytes)} ({s.nbytes / per:,.0f} B/token, "
+            f"{size_vs_fp16(s.nbytes / per, self.fp16_bytes / per)})",
+            f"{'layer':>5} {'type':<8} {'enc':<13} {'shape':<20} {'bytes':>10}  key norm / head    value norm / head",
         ]
         for r in self.rows:
             kn = " ".join(f"{x:.1f}" for x in r["key_norm"][:8])
             vn = " ".join(f"{x:.2f}" for x in r["value_norm"][:8])
             kind = "sliding" if r["type"] == "sliding_attention" else "full"
             lines.append(
-                f"{r['layer']:>5} {kind:<8} {r['encoding']:<6} {'x'.join(map(str, r['shape'])):<20} "
+                f"{r['layer']:>5} {kind:<8} {r['encoding']:<13} {'x'.join(map(str, r['shape'])):<20} "
                 f"{format_bytes(r['bytes']):>10}  {kn:<18} {vn}"
             )
         return "\n".join(lines)

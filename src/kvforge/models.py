@@ -245,6 +245,15 @@ def kv_bytes_fp16(model_or_config, tokens: int) -> int:
     return sum(held) * kv_heads * head_dim * 2 * 2  # keys and values, 2 bytes each
 
 
+def size_vs_fp16(held: float, fp16: float) -> str:
+    """``"3.1x smaller than fp16 (23,040 B/token)"`` or ``"2.0x larger than ..."``: a size in the words people
+    compare KV caches in."""
+    if held <= 0 or fp16 <= 0:
+        return "no bytes held"
+    word, r = ("smaller", fp16 / held) if held <= fp16 else ("larger", held / fp16)
+    return f"{r:.2f}x {word} than an fp16 cache ({fp16:,.0f} B/token)"
+
+
 def fingerprint(model) -> str:
     """A short hash naming a model's architecture and weights.
 

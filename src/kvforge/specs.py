@@ -140,7 +140,8 @@ def _coerce(value: str, default: Any, key: str, name: str, declared: str = "") -
             return float(value)
     except ValueError:
         raise UnknownCacheSpecError(
-            f"cache spec {name}: parameter {key}={value!r} is not a {type(default).__name__}"
+            f"cache spec {name}: parameter {key}={value!r} is not {'an' if type(default).__name__[0] in 'aeiou' else 'a'} "
+            f"{type(default).__name__}"
         ) from None
     if default is None:  # untyped: best effort
         for cast in (int, float):

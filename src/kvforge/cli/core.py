@@ -44,8 +44,8 @@ def add_commands(sub) -> None:
     _model_arg(p, default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=1024, help="passage length to prefill, about (default 1024)")
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--workdir", type=Path, help="where to keep the saved states and the summary plot (default: a "
-                   "temporary dir)")
+    p.add_argument("--workdir", type=Path, help="where to keep the saved states and the summary plot (default: "
+                   "~/.cache/kvforge/demo, reused by every run)")
     p.add_argument("--quick", action="store_true", help="only prefill + save and continue from the saved state")
     p.add_argument("--steps", help="comma-separated steps: prefill, continue, quant, mla, translate, serve")
     p.add_argument("--target", default="gemma3-270m", help="the model the translate step hands the passage to")
@@ -103,6 +103,8 @@ def cmd_inspect(args) -> int:
 
     if args.cache:
         state = KVState.load(args.cache)
+        if args.model and state.model_name and Path(args.model).name != Path(state.model_name).name:
+            raise ValueError(f"{args.cache} holds a KV state of {state.model_name}, not of --model {args.model}")
     else:
         model, tok = _load(args)
         text = args.prompt if args.prompt is not None else _read_text(args.text)

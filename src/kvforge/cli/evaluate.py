@@ -115,6 +115,7 @@ def _print(result, as_json: bool, lines: list[str]) -> None:
 
 def cmd_ppl(args) -> int:
     from ..eval import perplexity, token_windows
+    from ..models import size_vs_fp16
 
     model, tok = _load(args)
     windows = token_windows(tok, _text(args), args.windows, args.context + args.score)
@@ -124,11 +125,11 @@ def cmd_ppl(args) -> int:
         base = perplexity(model, tok, "dynamic", **kw)
     r = perplexity(model, tok, args.cache, baseline=base, **kw)
     lines = [f"{r.cache} ({r.mode}): PPL {r.ppl:.4f}  NLL {r.nll:.5f}  tokens {r.tokens}  "
-             f"{r.bytes_per_token:,.0f} B/token ({r.fp16_bytes_per_token / r.bytes_per_token:.2f}x vs an fp16 cache's "
-             f"{r.fp16_bytes_per_token:,.0f})  {1000 * r.seconds_per_token:.2f} ms/token"]
+             f"{r.bytes_per_token:,.0f} B/token ({size_vs_fp16(r.bytes_per_token, r.fp16_bytes_per_token)})  "
+             f"{1000 * r.seconds_per_token:.2f} ms/token"]
     if base is not None:
-        lines.append(f"dynamic baseline: PPL {base.ppl:.4f}  ({100 * r.rel_change:+.2f}%)  "
-                     f"{base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")
+        lines.append(f"dynamic baseline (this model's dtype): PPL {base.ppl:.4f}; {r.cache} changes it by "
+                     f"{100 * r.rel_change:+.2f}% and holds {base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")
     _print(r, args.json, lines)
     return 0
 
@@ -186,6 +187,6 @@ def cmd_caches(args) -> int:
 
     for name, kind in sorted(known_specs().items()):
         ok, why = CacheSpec(name).available()
-        params = ",".join(f"{k}={v}" for k, v in kind.defaults.items())
-        print(f"{name + (':' + params if params else ''):<60} {kind.description}" + ("" if ok else f"  [unavailable: {why}]"))
+        params = ", ".join(kind.defaults) or "none"
+        print(f"{name}  [{'available' if ok else 'unavailable: ' + why}]\n    {kind.description}\n    parameters: {params}")
     return 0
