@@ -54,7 +54,7 @@ def decode_speed(model, ids: torch.Tensor, spec: str, new_tokens: int, repeats: 
         logits = run.prefill(model, ids, cache)
         t = time.perf_counter()
         # new_tokens greedy picks, new_tokens - 1 decode steps (the last pick is not fed back)
-        toks = run.decode(model, cache, logits, new_tokens)[0][0].tolist()
+        toks = run.decode(model, cache, logits, new_tokens, log_probs=False)[0][0].tolist()
         step = (time.perf_counter() - t) / (new_tokens - 1)
         best = step if best is None else min(best, step)
         held, tokens = cache_nbytes(cache), toks

@@ -110,7 +110,8 @@ def generate(
         elif use_cache:
             logits = run.prefill(model, ids, cache, start=start)
             tokens, _ = run.decode(model, cache, logits, max_new_tokens, temperature=temperature, top_p=top_p,
-                                   generator=generator, eos=eos, start=start + ids.shape[1], on_token=on_token)
+                                   generator=generator, eos=eos, start=start + ids.shape[1], on_token=on_token,
+                                   log_probs=False)
             new = tokens[0].tolist()
         else:  # the quadratic baseline: every step re-reads the whole sequence
             new, seq = [], torch.cat([prefix, ids], dim=1)

@@ -11,7 +11,7 @@ transformers-version shims live in one place. Read top to bottom, this is the wh
 
 Positions: a forward pass that appends ``k`` tokens to a cache holding ``n`` places them at absolute
 positions ``n .. n+k-1`` (``cache.get_seq_length()`` counts every token a cache has *seen*, also those a
-sliding window dropped). Left-padded batches take their positions from the attention mask.
+sliding window dropped). The server's batched step places each request's rows with ``row_positions``.
 """
 
 from __future__ import annotations
@@ -120,27 +120,15 @@ def row_positions(seen: list[int], new: list[int], device=None) -> torch.Tensor:
                       for p, n in zip(seen, new)])
 
 
-def mask_positions(attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions ``[batch, n]`` of the last ``n`` tokens of a (left-)padded batch: each row counts only its
-    real tokens (padding gets position 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
-
-
-def forward(model, ids: torch.Tensor, cache, *, start: int | None = None, attention_mask: torch.Tensor | None = None,
-            logits_to_keep: int = 0, **kwargs):
+def forward(model, ids: torch.Tensor, cache, *, start: int | None = None, logits_to_keep: int = 0, **kwargs):
     """One forward pass of ``ids`` ``[batch, k]`` appended to ``cache``; returns the model output.
 
     ``start`` is the absolute position of ``ids[:, 0]`` (default: the tokens the cache has seen);
-    ``attention_mask`` ``[batch, past + k]`` (0 at padding) gives per-row positions instead.
     ``logits_to_keep=1`` computes only the last position's logits.
     """
     if ids.shape[1] == 0:
         raise ValueError("nothing to forward: no input tokens")
-    if attention_mask is not None:
-        pos = mask_positions(attention_mask, ids.shape[1]).to(ids.device)
-        kwargs["attention_mask"] = attention_mask
-    else:
-        pos = positions(cache.get_seq_length() if start is None else start, ids.shape[1], ids.device)
+    pos = positions(cache.get_seq_length() if start is None else start, ids.shape[1], ids.device)
     return model(input_ids=ids, **cache_kw(cache), use_cache=True, position_ids=pos, logits_to_keep=logits_to_keep,
                  **kwargs)
 
@@ -182,13 +170,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 @torch.inference_mode()
 def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
            generator=None, eos: Iterable[int] = (), forced: torch.Tensor | None = None, start: int | None = None,
-           on_token: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           on_token: Callable[[int], None] | None = None,
+           log_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode after a prefill whose last ``logits`` ``[batch, vocab]`` predict the first new token.
 
     Each step picks a token (``forced[:, i]`` when given: teacher forcing) and feeds it back through the
     cache at the next absolute position (from ``start``, default: the tokens the cache has seen). Stops after ``max_new_tokens`` or when every row has produced a token of ``eos``; the last pick
     is not fed through the model (nothing reads its logits). Returns ``(tokens [batch, m],
-    log_probs [batch, m, vocab])``, the log-probabilities each pick was made from (float32).
+    log_probs [batch, m, vocab])``, the log-probabilities each pick was made from (float32), or
+    ``(tokens, None)`` with ``log_probs=False`` (generation: no softmax over the vocabulary per step).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -197,7 +187,8 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperatu
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     pos = cache.get_seq_length() if start is None else start
     for i in range(max_new_tokens):
-        logps.append(F.log_softmax(logits.float(), -1))
+        if log_probs:
+            logps.append(F.log_softmax(logits.float(), -1))
         nxt = forced[:, i].to(logits.device) if forced is not None else sample_next(logits, temperature, top_p, generator)
         tokens.append(nxt)
         if on_token is not None:
@@ -210,8 +201,8 @@ def decode(model, cache, logits: torch.Tensor, max_new_tokens: int, *, temperatu
         pos += 1
     if not tokens:
         empty = logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
-        return empty, logits.new_zeros(logits.shape[0], 0, logits.shape[-1]).float()
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+        return empty, logits.new_zeros(logits.shape[0], 0, logits.shape[-1]).float() if log_probs else None
+    return torch.stack(tokens, 1), torch.stack(logps, 1) if log_probs else None
 
 
 @torch.inference_mode()
@@ -223,7 +214,7 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int, cache: CacheLike = Non
     """
     cache = cache if hasattr(cache, "get_seq_length") else new_cache(model, cache)
     logits = prefill(model, ids, cache, chunk_size=chunk_size)
-    return decode(model, cache, logits, max_new_tokens)[0]
+    return decode(model, cache, logits, max_new_tokens, log_probs=False)[0]
 
 
 @torch.inference_mode()

@@ -62,7 +62,7 @@ def _answer(model, tokenizer, document: str, question: str, cache, max_new_token
     q = run.encode(tokenizer, question, special=False).to(device)
     run.prefill(model, doc, cache)
     logits = run.prefill(model, q, cache)  # a separate pass: the question reads the *stored* document
-    new, _ = run.decode(model, cache, logits, max_new_tokens)
+    new, _ = run.decode(model, cache, logits, max_new_tokens, log_probs=False)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
 
 
