@@ -32,6 +32,7 @@ class Line:
     # 1e-4 the comparison is teacher-forced on the reference's tokens instead of greedy
     refuses: dict[str, str] = field(default_factory=dict)  # check -> text the refusal must contain
     archs: tuple[str, ...] = ("llama", "gemma")
+    env: dict[str, str] = field(default_factory=dict)  # environment for the whole line
 
 
 SMALL = "key_group=8,value_group=16,residual=16"
@@ -42,6 +43,9 @@ LINES = [
     Line("noisy:std=0.0", quality="noisy:std=0.02", kl=0.05, refuses={"restore": "noisy"}),
     # 8-bit codes: feeding tokens in other chunks quantizes them at other times (~1e-3 in log-probs)
     Line("kvforge-quant:key_bits=8,value_bits=8," + SMALL, quality="kvforge-quant:" + SMALL, kl=0.02, atol=5e-3),
+    # the same with the compiled CPU kernel off: kvforge's PyTorch attention on the codes
+    Line("kvforge-quant:key_bits=8,value_bits=8," + SMALL, quality="kvforge-quant:" + SMALL, kl=0.02, atol=5e-3,
+         env={"KVFORGE_CPU_KERNEL": "0"}),
     Line("kvforge-quant:key_bits=8,value_bits=8,rotate=both,fused=off," + SMALL,
          quality="kvforge-quant:key_bits=2,value_bits=2,rotate=both,fused=off," + SMALL, kl=0.3, atol=5e-3),
     Line("hf-quantized:nbits=4,q_group_size=16,residual_length=16", quality="hf-quantized:nbits=4,q_group_size=16,residual_length=16",
@@ -50,7 +54,8 @@ LINES = [
     Line("tiny-turboquant:key_bits=4,value_bits=4", quality="tiny-turboquant:key_bits=4,value_bits=4", kl=0.1,
          archs=("llama",), refuses={"restore": "tiny-turboquant", "crop": "cannot be cropped", "beam": "cannot reorder"}),
 ]
-IDS = [line.spec.split(",")[0] + ("" if i < 4 else f"#{i}") for i, line in enumerate(LINES)]
+IDS = [line.spec.split(",")[0] + ("" if i < 4 else f"#{i}") + ("-" + "-".join(f"{k}={v}" for k, v in line.env.items()))
+       * bool(line.env) for i, line in enumerate(LINES)]
 
 
 def test_every_registered_spec_has_a_line():
@@ -59,8 +64,10 @@ def test_every_registered_spec_has_a_line():
 
 
 @pytest.fixture(params=LINES, ids=IDS)
-def line(request):
+def line(request, monkeypatch):
     line = request.param
+    for k, v in line.env.items():
+        monkeypatch.setenv(k, v)
     ok, why = parse_spec(line.spec).available()
     if not ok:
         pytest.skip(f"{line.spec}: {why}")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernel
 from .packing import unpack
-from .view import QuantizedView
+from .view import QuantizedRows, QuantizedView
 
 NAME = "kvforge"
 BLOCK_TOKENS = 4096
@@ -91,20 +92,50 @@ def quantized_attention(query: torch.Tensor, view, attention_mask, scaling: floa
 
 
 def kvforge_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    if isinstance(key, QuantizedView):
+    """transformers' attention interface. On a quantized layer's view: a prompt chunk (more than one query
+    token) attends through SDPA on full-precision tensors (its own keys as they are, the quantized past
+    dequantized in the stored space); a decode step runs on the codes: the compiled CPU kernel
+    (:mod:`kvforge.quant.cpu_kernel`), the Triton kernel on GPUs, else the PyTorch path above."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if isinstance(key, QuantizedView | QuantizedRows):
         if dropout and module.training:
             raise RuntimeError("kvforge's quantized attention is for inference; it does not apply dropout")
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if kwargs.get("softcap") is None:
+        softcap = kwargs.get("softcap")
+        if isinstance(key, QuantizedRows):
+            same = all(v.layer.config == key.views[0].layer.config for v in key.views)
+            if same and cpu_kernel.why_not(key.views[0], query) is None:
+                return cpu_kernel.decode(query, key.views, scaling, softcap, starts=key.starts), None
+            key, value = key.dense()
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if query.shape[2] > 1 and softcap is None:
+            return _prompt_attention(module, query, key, attention_mask, scaling, **kwargs)
+        if cpu_kernel.why_not(key, query) is None:
+            return cpu_kernel.decode(query, [key], scaling, softcap, attention_mask), None
+        if softcap is None:
             from . import triton_decode
 
             if triton_decode.supports(key, query, attention_mask):
                 return triton_decode.fused_decode(query, key, scaling), None
-        return quantized_attention(query, key, attention_mask, scaling, kwargs.get("softcap"))
+        return quantized_attention(query, key, attention_mask, scaling, softcap)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _prompt_attention(module, query, view: QuantizedView, attention_mask, scaling, **kwargs):
+    """A prompt chunk through SDPA: the query rotated like the stored keys (scores unchanged), the past
+    dequantized only if there is one, the output rotated back when values are rotated."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer = view.layer
+    k, v = view.stored_dense()
+    q = query if layer.rot is None else (query.float() @ layer.rot).to(query.dtype)
+    out, _ = sdpa_attention_forward(module, q, k.to(query.dtype), v.to(query.dtype), attention_mask, scaling=scaling,
+                                    **kwargs)
+    if layer.rotates_values:
+        out = (out.float() @ layer.rot.T).to(query.dtype)
+    return out, None
 
 
 _REGISTERED = False

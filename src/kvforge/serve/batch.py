@@ -40,18 +40,26 @@ class _RowsLayer:
         length = max(need)
         q = key_states.shape[2]
         shape = (key_states.shape[0], key_states.shape[1], length, key_states.shape[3])
-        keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        outs = []
         for r, cache in enumerate(b.caches):
             first = q - b.new[r]
             k, v = cache.layers[self.index].update(key_states[r : r + 1, :, first:], value_states[r : r + 1, :, first:],
                                                    *args, **kwargs)
+            if k.shape[2] < need[r]:
+                raise RuntimeError(
+                    f"layer {self.index} of request {r} returned {k.shape[2]} keys; its attention needs {need[r]}"
+                )
+            outs.append((k, v))
+        if q == 1 and all(hasattr(k, "rows") for k, _ in outs):
+            # quantized layers' views of their codes: a decode step attends on the codes of each row where they
+            # lie (kvforge's attention), no padded full-precision copy
+            rows = outs[0][0].rows([k for k, _ in outs], need)
+            return rows, rows
+        keys, values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        for r, (k, v) in enumerate(outs):
             if not isinstance(k, torch.Tensor):  # a quantized layer's view of its codes (fused attention path)
                 k, v = k.dense()
             n = need[r]
-            if k.shape[2] < n:
-                raise RuntimeError(
-                    f"layer {self.index} of request {r} returned {k.shape[2]} keys; its attention needs {n}"
-                )
             keys[r, :, length - n :] = k[0, :, -n:]
             values[r, :, length - n :] = v[0, :, -n:]
         return keys, values

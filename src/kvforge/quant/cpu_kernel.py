@@ -1,0 +1,361 @@
+"""Decode attention on the packed codes, compiled for the CPU with numba.
+
+A decode step at long context reads mostly the cache. This kernel reads the bit-packed codes where they
+lie (no unpacked or dequantized copy of the past), so it reads 4-8x fewer bytes than attention over a
+float32 cache:
+
+* key scores: each key group's scales are folded into the query once per group (``q_d * scale_gd``) and
+  its zero points into one bias per group (``sum_d q_d * zero_gd``); a token's score is then a dot product
+  of the folded query with its codes, unpacked into registers;
+* values: the softmax weight of a token is multiplied into its per-group value scales, the codes are
+  accumulated with that weight, and the zero points are summed once per group;
+* an online softmax over blocks of one key group; the context of every (sequence, KV head) is split into
+  pieces that threads take independently, merged at the end by their running maxima and sums
+  (flash-decoding, Dao et al. 2023); every query head of a group reads its KV head's codes once;
+* the full-precision residual window is one more piece of the same merge.
+
+One call serves a whole batch, each sequence with its own cache and length (the server's batched decode
+step): the kernel takes a table of each sequence's tensor addresses and lengths, not stacked copies.
+
+Why numba: it ships wheels for Linux (x86-64, aarch64), macOS and Windows, so ``pip install`` gives a
+working kernel with no compiler on the user's machine (a C++ extension would need one, or a wheel per
+platform and torch version); it compiles on first use and caches the machine code on disk. Where it is
+missing, or with ``KVFORGE_CPU_KERNEL=0``, :mod:`kvforge.quant.attention`'s PyTorch path (the reference)
+runs instead. Scales and zero points stay ``float16`` in the cache; the kernel reads their bits and
+converts them through a 65,536-entry table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - exercised where numba is missing
+    numba = None
+
+KERNEL_BITS = (2, 3, 4, 8)
+# a piece of context one thread takes: at least this many tokens (rounded to whole key groups)
+MIN_SPLIT = 512
+RECENT_BLOCK = 32
+# row table columns: addresses of k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, recent_k, recent_v,
+# then quantized tokens, recent tokens, first token attended (earlier ones are outside a sliding window)
+_COLS = 11
+_F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def available() -> bool:
+    """True when numba is installed and ``KVFORGE_CPU_KERNEL`` is not ``0``."""
+    return numba is not None and os.environ.get("KVFORGE_CPU_KERNEL", "1") != "0"
+
+
+def why_not(view, query: torch.Tensor) -> str | None:
+    """``None`` when the kernel can run this step, else the reason it cannot (the caller falls back)."""
+    if not available():
+        return "numba is not installed" if numba is None else "KVFORGE_CPU_KERNEL=0"
+    cfg = view.layer.config
+    if query.device.type != "cpu":
+        return f"the query is on {query.device.type}, the kernel runs on the CPU"
+    if query.shape[2] != 1:
+        return f"{query.shape[2]} query tokens: the kernel is for single-token decode steps"
+    if cfg.key_bits not in KERNEL_BITS or cfg.value_bits not in KERNEL_BITS:
+        return f"K{cfg.key_bits}/V{cfg.value_bits} codes"
+    if view.recent_v.shape[-1] != view.recent_k.shape[-1]:
+        return "keys and values of different widths (latent caches)"
+    return None
+
+
+# reassociation lets LLVM vectorise the dot products; no "nnan"/"ninf": masked scores are -inf
+_FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
+
+if numba is not None:
+
+    @intrinsic
+    def _address(typingctx, addr):
+        """An integer (a tensor's ``data_ptr()``) as a pointer that ``numba.carray`` can wrap."""
+        if not isinstance(addr, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+        return types.voidptr(addr), codegen
+
+    @njit(inline="always", fastmath=_FAST)
+    def _unpack(row, bits, d, out):
+        """One token's packed codes -> ``out[:d]`` float32 (the layout of :mod:`kvforge.quant.packing`)."""
+        if bits == 4:
+            n = d // 2
+            for i in range(n):
+                b = row[i]
+                out[i] = b & 15
+                out[i + n] = b >> 4
+        elif bits == 2 or bits == 3:
+            n = d // 4
+            for i in range(n):
+                b = row[i]
+                out[i] = b & 3
+                out[i + n] = (b >> 2) & 3
+                out[i + 2 * n] = (b >> 4) & 3
+                out[i + 3 * n] = b >> 6
+            if bits == 3:  # the third bit: a 1-bit plane, bit j of byte i is channel 8i + j
+                for i in range(d // 8):
+                    b = row[n + i]
+                    for j in range(8):
+                        out[8 * i + j] += ((b >> j) & 1) * 4
+        else:
+            for i in range(d):
+                out[i] = row[i]
+
+    @njit(inline="always", fastmath=_FAST)
+    def _softmax_block(s, n, m, lsum, acc, zsum, p):
+        """Online-softmax update for ``n`` scores ``s[:, :n]``: rescale the running state to the new maximum
+        and leave the block's weights in ``p``. Returns False (state untouched) when all are -inf."""
+        r_count = s.shape[0]
+        any_finite = False
+        for r in range(r_count):
+            bm = -np.inf
+            for t in range(n):
+                if s[r, t] > bm:
+                    bm = s[r, t]
+            if bm == -np.inf:
+                for t in range(n):
+                    p[r, t] = 0.0
+                continue
+            any_finite = True
+            mn = max(m[r], bm)
+            alpha = np.exp(m[r] - mn) if m[r] > -np.inf else 0.0
+            if alpha != 1.0:
+                lsum[r] *= alpha
+                for i in range(acc.shape[1]):
+                    acc[r, i] *= alpha
+                for i in range(zsum.shape[1]):
+                    zsum[r, i] *= alpha
+            m[r] = mn
+            tot = 0.0
+            for t in range(n):
+                e = np.exp(s[r, t] - mn)
+                p[r, t] = e
+                tot += e
+            lsum[r] += tot
+        return any_finite
+
+    @njit(parallel=True, fastmath=_FAST, cache=True)
+    def _attend(q, rows, items, mask, f16, kbits, vbits, g, gv, softcap, pm, pl, pacc):
+        """Partial attention of every work item ``(row, kv head, t0, t1)``: running max ``pm``, sum ``pl`` and
+        unnormalised output ``pacc`` per query head of the group. ``q [B, H, R, D]`` float32, scaled and
+        rotated; ``mask [B, KV]`` additive float32 (or ``[0, 0]``: none)."""
+        heads, r_count, d = q.shape[1], q.shape[2], q.shape[3]
+        kb = d * kbits // 8
+        vb = d * vbits // 8
+        c_count = d // gv
+        blk = max(g, 32)
+        for it in prange(items.shape[0]):
+            b, h, t0, t1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
+            n_q, n_r, start = rows[b, 8], rows[b, 9], rows[b, 10]
+            qv = q[b, h]
+            m = np.full(r_count, -np.inf, np.float32)
+            lsum = np.zeros(r_count, np.float32)
+            acc = np.zeros((r_count, d), np.float32)
+            zsum = np.zeros((r_count, c_count), np.float32)
+            s = np.empty((r_count, blk), np.float32)
+            p = np.empty((r_count, blk), np.float32)
+            kbuf = np.empty(d, np.float32)
+            vbuf = np.empty(d, np.float32)
+            has_mask = mask.shape[0] > 0
+            if t0 < n_q:  # quantized past, whole key groups
+                kc = numba.carray(_address(rows[b, 0]), (heads, n_q, kb), np.uint8)[h]
+                ks = numba.carray(_address(rows[b, 1]), (heads, n_q // g, d), np.uint16)[h]
+                kz = numba.carray(_address(rows[b, 2]), (heads, n_q // g, d), np.uint16)[h]
+                vc = numba.carray(_address(rows[b, 3]), (heads, n_q, vb), np.uint8)[h]
+                vs = numba.carray(_address(rows[b, 4]), (heads, n_q, c_count), np.uint16)[h]
+                vz = numba.carray(_address(rows[b, 5]), (heads, n_q, c_count), np.uint16)[h]
+                qf = np.empty((r_count, d), np.float32)
+                qz = np.empty(r_count, np.float32)
+                for grp in range(t0 // g, t1 // g):
+                    base = grp * g
+                    if base + g <= start:
+                        continue
+                    for r in range(r_count):
+                        z = 0.0
+                        for i in range(d):
+                            qf[r, i] = qv[r, i] * f16[ks[grp, i]]
+                            z += qv[r, i] * f16[kz[grp, i]]
+                        qz[r] = z
+                    for tt in range(g):
+                        t = base + tt
+                        _unpack(kc[t], kbits, d, kbuf)
+                        for r in range(r_count):
+                            acc_s = 0.0
+                            for i in range(d):
+                                acc_s += qf[r, i] * kbuf[i]
+                            sc = acc_s + qz[r]
+                            if softcap > 0.0:
+                                sc = np.tanh(sc / softcap) * softcap
+                            if has_mask:
+                                sc += mask[b, t]
+                            if t < start:
+                                sc = -np.inf
+                            s[r, tt] = sc
+                    if not _softmax_block(s, g, m, lsum, acc, zsum, p):
+                        continue
+                    for tt in range(g):
+                        t = base + tt
+                        _unpack(vc[t], vbits, d, vbuf)
+                        for c in range(c_count):
+                            sv = f16[vs[t, c]]
+                            zv = f16[vz[t, c]]
+                            for r in range(r_count):
+                                w = p[r, tt]
+                                ws = w * sv
+                                for j in range(c * gv, (c + 1) * gv):
+                                    acc[r, j] += ws * vbuf[j]
+                                zsum[r, c] += w * zv
+            else:  # the full-precision residual window
+                rk = numba.carray(_address(rows[b, 6]), (heads, n_r, d), np.float32)[h]
+                rv = numba.carray(_address(rows[b, 7]), (heads, n_r, d), np.float32)[h]
+                for u0 in range(0, n_r, blk):
+                    n = min(blk, n_r - u0)
+                    for tt in range(n):
+                        u = u0 + tt
+                        for r in range(r_count):
+                            acc_s = 0.0
+                            for i in range(d):
+                                acc_s += qv[r, i] * rk[u, i]
+                            sc = acc_s
+                            if softcap > 0.0:
+                                sc = np.tanh(sc / softcap) * softcap
+                            if has_mask:
+                                sc += mask[b, n_q + u]
+                            if n_q + u < start:
+                                sc = -np.inf
+                            s[r, tt] = sc
+                    if not _softmax_block(s, n, m, lsum, acc, zsum, p):
+                        continue
+                    for tt in range(n):
+                        u = u0 + tt
+                        for r in range(r_count):
+                            w = p[r, tt]
+                            for i in range(d):
+                                acc[r, i] += w * rv[u, i]
+            for r in range(r_count):
+                pm[it, r] = m[r]
+                pl[it, r] = lsum[r]
+                for c in range(c_count):
+                    for j in range(c * gv, (c + 1) * gv):
+                        pacc[it, r, j] = acc[r, j] + zsum[r, c]
+
+    @njit(parallel=True, fastmath=_FAST, cache=True)
+    def _merge(first, pm, pl, pacc, out):
+        """Combine the pieces ``first[k]:first[k+1]`` of each (row, kv head) ``k`` into ``out [B*H, R, D]``."""
+        r_count, d = pacc.shape[1], pacc.shape[2]
+        for k in prange(first.shape[0] - 1):
+            for r in range(r_count):
+                mx = -np.inf
+                for it in range(first[k], first[k + 1]):
+                    mx = max(mx, pm[it, r])
+                tot = 0.0
+                for i in range(d):
+                    out[k, r, i] = 0.0
+                if mx == -np.inf:
+                    continue
+                for it in range(first[k], first[k + 1]):
+                    if pm[it, r] == -np.inf:
+                        continue
+                    w = np.exp(pm[it, r] - mx)
+                    tot += w * pl[it, r]
+                    for i in range(d):
+                        out[k, r, i] += w * pacc[it, r, i]
+                for i in range(d):
+                    out[k, r, i] /= tot
+
+
+def _plan(quantized: list[int], recent: list[int], heads: int, group: int, threads: int):
+    """Work items ``[N, 4]`` (row, head, t0, t1) and the first item of each (row, head)."""
+    total = sum(quantized) * heads
+    pieces = max(4 * threads, 1)
+    split = max(MIN_SPLIT, -(-total // pieces)) if total else MIN_SPLIT
+    split = -(-split // group) * group
+    items, first = [], [0]
+    for b, (nq, nr) in enumerate(zip(quantized, recent)):
+        for h in range(heads):
+            items.extend((b, h, t0, min(t0 + split, nq)) for t0 in range(0, nq, split))
+            if nr:
+                items.append((b, h, nq, nq + nr))
+            first.append(len(items))
+    return np.asarray(items, dtype=np.int64).reshape(-1, 4), np.asarray(first, dtype=np.int64)
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint16)
+
+
+def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | None = None,
+           attention_mask: torch.Tensor | None = None, starts: list[int] | None = None) -> torch.Tensor:
+    """One decode step of attention on the codes for ``B`` sequences, each with its own quantized layer.
+
+    ``query [B, Hq, 1, D]``; ``views``: one :class:`~kvforge.quant.view.QuantizedView` per sequence (batch 1
+    each, same quantization settings), or one view of batch ``B``; ``attention_mask`` ``[B, 1, 1, KV]``
+    (boolean, or additive) over each sequence's ``KV`` stored tokens, or ``None``; ``starts``: per
+    sequence, the first stored token it may attend to (a sliding window). Returns ``[B, 1, Hq, D]`` in the
+    query's dtype. Raises ``ValueError`` when the views' settings differ.
+    """
+    layer = views[0].layer
+    cfg = layer.config
+    b, hq, _, d = query.shape
+    if len(views) == 1 and b > 1:  # one cache of batch B: one table row per sequence
+        views = [_row_view(views[0], i) for i in range(b)]
+    if any(v.layer.config != cfg for v in views):
+        raise ValueError("the sequences of one decode batch must share their quantization settings")
+    heads = views[0].recent_k.shape[1]
+    rep = hq // heads
+    q = query.float().reshape(b, heads, rep, d) * scaling
+    if layer.rot is not None:
+        q = q @ layer.rot
+    q = q.contiguous()
+    keep = []  # tensors the table points into must outlive the call
+    table = np.zeros((b, _COLS), dtype=np.int64)
+    for i, v in enumerate(views):
+        ts = [v.k_codes.contiguous(), _bits16(v.k_scale), _bits16(v.k_zero), v.v_codes.contiguous(),
+              _bits16(v.v_scale), _bits16(v.v_zero), v.recent_k.float().contiguous(), v.recent_v.float().contiguous()]
+        keep.append(ts)
+        table[i, :8] = [t.data_ptr() for t in ts]
+        table[i, 8] = v.quantized_tokens
+        table[i, 9] = v.recent_k.shape[2]
+        table[i, 10] = starts[i] if starts is not None else 0
+    mask = np.zeros((0, 0), dtype=np.float32)
+    if attention_mask is not None:
+        kv = int(table[0, 8] + table[0, 9])
+        am = attention_mask[..., -kv:].reshape(b, kv)
+        if am.dtype == torch.bool:
+            am = torch.zeros(am.shape).masked_fill_(~am, -math.inf)
+        mask = am.float().contiguous().numpy()
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    items, first = _plan(table[:, 8].tolist(), table[:, 9].tolist(), heads, cfg.key_group, threads)
+    n = items.shape[0]
+    pm = np.empty((n, rep), np.float32)
+    pl = np.empty((n, rep), np.float32)
+    pacc = np.empty((n, rep, d), np.float32)
+    _attend(q.numpy(), table, items, mask, _F16, cfg.key_bits, cfg.value_bits, cfg.key_group, cfg.value_group,
+            float(softcap or 0.0), pm, pl, pacc)
+    out = np.empty((b * heads, rep, d), np.float32)
+    _merge(first, pm, pl, pacc, out)
+    del keep
+    o = torch.from_numpy(out)
+    if layer.rotates_values:
+        o = o @ layer.rot.T
+    return o.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
+
+
+def _row_view(view, i: int):
+    from .view import QuantizedView
+
+    return QuantizedView(view.layer, *(t[i : i + 1] for t in (view.k_codes, view.k_scale, view.k_zero, view.v_codes,
+                                                               view.v_scale, view.v_zero, view.recent_k, view.recent_v)))
