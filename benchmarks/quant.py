@@ -9,6 +9,7 @@ greedy agreement / KL against a DynamicCache. Bytes: what each cache holds at th
 
     python benchmarks/quant.py                         # smollm2-135m, ~15 min on 2 CPU cores
     python benchmarks/quant.py --caches kvforge-quant:preset=safe,tiny-turboquant:preset=safe --no-agree
+    python benchmarks/quant.py --speed                 # decode ms/token against context, prefill time/memory
 
 Each run writes a new folder under ``--out`` (default benchmarks/results), named after its settings and never
 overwritten (``kvforge.results``): ``results.md``, ``results.json`` and, inside it, the results folder of the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,12 @@ def decode_speed(model, ids: torch.Tensor, spec: str, new_tokens: int, repeats: 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--speed" in argv:  # decode/prefill speed against context length: benchmarks/quant_speed.py
+        sys.path.insert(0, str(Path(__file__).parent))
+        from quant_speed import main as speed_main
+
+        return speed_main([a for a in argv if a != "--speed"])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--caches", default=DEFAULT, help="comma-separated cache specs (dynamic is always added)")

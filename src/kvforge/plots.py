@@ -57,3 +57,25 @@ def plot_demo_summary(results, path: str | Path, model_name: str = "") -> Path:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, 1.45 * max([r.bytes_per_token for r in rows] + [r.fp16_bytes_per_token for r in rows] + [1]))
     return _save(fig, path)
+
+
+def plot_lines(panels: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path, *, xlabel: str, ylabel: str,
+               title: str = "", logx: bool = True) -> Path:
+    """One panel per key of ``panels``, one line per series ``{label: [(x, y), ...]}`` (a benchmark's
+    curve, e.g. decode ms/token against context length)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            if points:
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=label)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

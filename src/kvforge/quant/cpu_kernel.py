@@ -88,57 +88,66 @@ if numba is not None:
         return types.voidptr(addr), codegen
 
     @njit(inline="always", fastmath=_FAST)
-    def _unpack(row, bits, d, out):
-        """One token's packed codes -> ``out[:d]`` float32 (the layout of :mod:`kvforge.quant.packing`)."""
+    def _unpack(codes, t0, n, bits, d, out):
+        """Packed codes of tokens ``t0 .. t0+n`` -> ``out[:n, :d]`` float32 (the layout of
+        :mod:`kvforge.quant.packing`); one branch on the width per block, none per token."""
         if bits == 4:
-            n = d // 2
-            for i in range(n):
-                b = row[i]
-                out[i] = b & 15
-                out[i + n] = b >> 4
+            h = d // 2
+            for tt in range(n):
+                row = codes[t0 + tt]
+                o = out[tt]
+                for i in range(h):
+                    x = row[i]
+                    o[i] = x & 15
+                    o[i + h] = x >> 4
         elif bits == 2 or bits == 3:
-            n = d // 4
-            for i in range(n):
-                b = row[i]
-                out[i] = b & 3
-                out[i + n] = (b >> 2) & 3
-                out[i + 2 * n] = (b >> 4) & 3
-                out[i + 3 * n] = b >> 6
-            if bits == 3:  # the third bit: a 1-bit plane, bit j of byte i is channel 8i + j
-                for i in range(d // 8):
-                    b = row[n + i]
-                    for j in range(8):
-                        out[8 * i + j] += ((b >> j) & 1) * 4
+            h = d // 4
+            for tt in range(n):
+                row = codes[t0 + tt]
+                o = out[tt]
+                for i in range(h):
+                    x = row[i]
+                    o[i] = x & 3
+                    o[i + h] = (x >> 2) & 3
+                    o[i + 2 * h] = (x >> 4) & 3
+                    o[i + 3 * h] = x >> 6
+                if bits == 3:  # the third bit: a 1-bit plane, bit j of byte i is channel 8i + j
+                    for i in range(d // 8):
+                        x = row[h + i]
+                        for j in range(8):
+                            o[8 * i + j] += ((x >> j) & 1) * 4
         else:
-            for i in range(d):
-                out[i] = row[i]
+            for tt in range(n):
+                row = codes[t0 + tt]
+                o = out[tt]
+                for i in range(d):
+                    o[i] = row[i]
 
     @njit(inline="always", fastmath=_FAST)
     def _softmax_block(s, n, m, lsum, acc, zsum, p):
         """Online-softmax update for ``n`` scores ``s[:, :n]``: rescale the running state to the new maximum
         and leave the block's weights in ``p``. Returns False (state untouched) when all are -inf."""
-        r_count = s.shape[0]
         any_finite = False
-        for r in range(r_count):
-            bm = -np.inf
+        ninf = np.float32(-np.inf)
+        for r in range(s.shape[0]):
+            bm = ninf
             for t in range(n):
-                if s[r, t] > bm:
-                    bm = s[r, t]
-            if bm == -np.inf:
+                bm = max(bm, s[r, t])
+            if bm == ninf:
                 for t in range(n):
-                    p[r, t] = 0.0
+                    p[r, t] = 0
                 continue
             any_finite = True
             mn = max(m[r], bm)
-            alpha = np.exp(m[r] - mn) if m[r] > -np.inf else 0.0
-            if alpha != 1.0:
+            if m[r] != mn:
+                alpha = np.exp(m[r] - mn)
                 lsum[r] *= alpha
                 for i in range(acc.shape[1]):
                     acc[r, i] *= alpha
                 for i in range(zsum.shape[1]):
                     zsum[r, i] *= alpha
-            m[r] = mn
-            tot = 0.0
+                m[r] = mn
+            tot = np.float32(0)
             for t in range(n):
                 e = np.exp(s[r, t] - mn)
                 p[r, t] = e
@@ -146,11 +155,57 @@ if numba is not None:
             lsum[r] += tot
         return any_finite
 
+    @njit(inline="always", fastmath=_FAST)
+    def _scores(qf, qz, kbuf, n, softcap, mask, b, t0, start, s):
+        """``s[r, t] = qf[r] . kbuf[t] + qz[r]``, softcapped, masked, -inf before ``start``."""
+        d = kbuf.shape[1]
+        for tt in range(n):
+            kr = kbuf[tt]
+            for r in range(qf.shape[0]):
+                a = np.float32(0)
+                for i in range(d):
+                    a += qf[r, i] * kr[i]
+                s[r, tt] = a + qz[r]
+        if softcap > 0:
+            for r in range(qf.shape[0]):
+                for tt in range(n):
+                    s[r, tt] = np.tanh(s[r, tt] / softcap) * softcap
+        if mask.shape[0] > 0:
+            for r in range(qf.shape[0]):
+                for tt in range(n):
+                    s[r, tt] += mask[b, t0 + tt]
+        if start > t0:
+            for r in range(qf.shape[0]):
+                for tt in range(min(n, start - t0)):
+                    s[r, tt] = -np.inf
+
+    @njit(inline="always", fastmath=_FAST)
+    def _values(buf, n, t0, p, vs, vz, f16, gv, acc, zsum, wsc):
+        """``acc[r] += p[r, t] * scale[t] * codes[t]`` and ``zsum[r, c] += p[r, t] * zero[t, c]`` over the
+        block's ``n`` tokens: the weights folded into the per-token value scales."""
+        r_count, c_count = acc.shape[0], zsum.shape[1]
+        for tt in range(n):
+            t = t0 + tt
+            for c in range(c_count):
+                sv = f16[vs[t, c]]
+                zv = f16[vz[t, c]]
+                for r in range(r_count):
+                    w = p[r, tt]
+                    wsc[r, c] = w * sv
+                    zsum[r, c] += w * zv
+            vr = buf[tt]
+            for r in range(r_count):
+                a = acc[r]
+                for c in range(c_count):
+                    ws = wsc[r, c]
+                    for j in range(c * gv, (c + 1) * gv):
+                        a[j] += ws * vr[j]
+
     @njit(parallel=True, fastmath=_FAST, cache=True)
     def _attend(q, rows, items, mask, f16, kbits, vbits, g, gv, softcap, pm, pl, pacc):
         """Partial attention of every work item ``(row, kv head, t0, t1)``: running max ``pm``, sum ``pl`` and
         unnormalised output ``pacc`` per query head of the group. ``q [B, H, R, D]`` float32, scaled and
-        rotated; ``mask [B, KV]`` additive float32 (or ``[0, 0]``: none)."""
+        rotated; ``mask [B, KV]`` additive float32 (or ``[0, 0]``: none); ``softcap`` float32 (0: none)."""
         heads, r_count, d = q.shape[1], q.shape[2], q.shape[3]
         kb = d * kbits // 8
         vb = d * vbits // 8
@@ -166,9 +221,8 @@ if numba is not None:
             zsum = np.zeros((r_count, c_count), np.float32)
             s = np.empty((r_count, blk), np.float32)
             p = np.empty((r_count, blk), np.float32)
-            kbuf = np.empty(d, np.float32)
-            vbuf = np.empty(d, np.float32)
-            has_mask = mask.shape[0] > 0
+            buf = np.empty((blk, d), np.float32)
+            wsc = np.empty((r_count, c_count), np.float32)
             if t0 < n_q:  # quantized past, whole key groups
                 kc = numba.carray(_address(rows[b, 0]), (heads, n_q, kb), np.uint8)[h]
                 ks = numba.carray(_address(rows[b, 1]), (heads, n_q // g, d), np.uint16)[h]
@@ -183,67 +237,32 @@ if numba is not None:
                     if base + g <= start:
                         continue
                     for r in range(r_count):
-                        z = 0.0
+                        z = np.float32(0)
                         for i in range(d):
                             qf[r, i] = qv[r, i] * f16[ks[grp, i]]
                             z += qv[r, i] * f16[kz[grp, i]]
                         qz[r] = z
-                    for tt in range(g):
-                        t = base + tt
-                        _unpack(kc[t], kbits, d, kbuf)
-                        for r in range(r_count):
-                            acc_s = 0.0
-                            for i in range(d):
-                                acc_s += qf[r, i] * kbuf[i]
-                            sc = acc_s + qz[r]
-                            if softcap > 0.0:
-                                sc = np.tanh(sc / softcap) * softcap
-                            if has_mask:
-                                sc += mask[b, t]
-                            if t < start:
-                                sc = -np.inf
-                            s[r, tt] = sc
+                    _unpack(kc, base, g, kbits, d, buf)
+                    _scores(qf, qz, buf, g, softcap, mask, b, base, start, s)
                     if not _softmax_block(s, g, m, lsum, acc, zsum, p):
                         continue
-                    for tt in range(g):
-                        t = base + tt
-                        _unpack(vc[t], vbits, d, vbuf)
-                        for c in range(c_count):
-                            sv = f16[vs[t, c]]
-                            zv = f16[vz[t, c]]
-                            for r in range(r_count):
-                                w = p[r, tt]
-                                ws = w * sv
-                                for j in range(c * gv, (c + 1) * gv):
-                                    acc[r, j] += ws * vbuf[j]
-                                zsum[r, c] += w * zv
+                    _unpack(vc, base, g, vbits, d, buf)
+                    _values(buf, g, base, p, vs, vz, f16, gv, acc, zsum, wsc)
             else:  # the full-precision residual window
                 rk = numba.carray(_address(rows[b, 6]), (heads, n_r, d), np.float32)[h]
                 rv = numba.carray(_address(rows[b, 7]), (heads, n_r, d), np.float32)[h]
+                zero = np.zeros(r_count, np.float32)
                 for u0 in range(0, n_r, blk):
                     n = min(blk, n_r - u0)
-                    for tt in range(n):
-                        u = u0 + tt
-                        for r in range(r_count):
-                            acc_s = 0.0
-                            for i in range(d):
-                                acc_s += qv[r, i] * rk[u, i]
-                            sc = acc_s
-                            if softcap > 0.0:
-                                sc = np.tanh(sc / softcap) * softcap
-                            if has_mask:
-                                sc += mask[b, n_q + u]
-                            if n_q + u < start:
-                                sc = -np.inf
-                            s[r, tt] = sc
+                    _scores(qv, zero, rk[u0 : u0 + n], n, softcap, mask, b, n_q + u0, start, s)
                     if not _softmax_block(s, n, m, lsum, acc, zsum, p):
                         continue
                     for tt in range(n):
-                        u = u0 + tt
+                        vr = rv[u0 + tt]
                         for r in range(r_count):
                             w = p[r, tt]
                             for i in range(d):
-                                acc[r, i] += w * rv[u, i]
+                                acc[r, i] += w * vr[i]
             for r in range(r_count):
                 pm[it, r] = m[r]
                 pl[it, r] = lsum[r]
@@ -344,7 +363,7 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
     pl = np.empty((n, rep), np.float32)
     pacc = np.empty((n, rep, d), np.float32)
     _attend(q.numpy(), table, items, mask, _F16, cfg.key_bits, cfg.value_bits, cfg.key_group, cfg.value_group,
-            float(softcap or 0.0), pm, pl, pacc)
+            np.float32(softcap or 0.0), pm, pl, pacc)
     out = np.empty((b * heads, rep, d), np.float32)
     _merge(first, pm, pl, pacc, out)
     del keep
