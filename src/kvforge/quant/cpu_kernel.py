@@ -48,6 +48,7 @@ RECENT_BLOCK = 32
 # then quantized tokens, recent tokens, first token attended (earlier ones are outside a sliding window)
 _COLS = 11
 _F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+_BIT3 = (((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1) * 4).astype(np.float32)  # 3-bit codes' top bit
 
 
 def available() -> bool:
@@ -88,43 +89,47 @@ if numba is not None:
         return types.voidptr(addr), codegen
 
     @njit(inline="always", fastmath=_FAST)
-    def _unpack(codes, t0, n, bits, d, out):
-        """Packed codes of tokens ``t0 .. t0+n`` -> ``out[:n, :d]`` float32 (the layout of
-        :mod:`kvforge.quant.packing`); one branch on the width per block, none per token."""
+    def _unpack(codes, t0, n, bits, d, out, off, bit3):
+        """Packed codes of tokens ``t0 .. t0+n`` -> ``out[off:off+n, :d]`` float32 (the layout of
+        :mod:`kvforge.quant.packing`); ``bit3[byte]``: the 1-bit plane of 3-bit codes as 8 floats (0 or 4)."""
         if bits == 4:
             h = d // 2
             for tt in range(n):
                 row = codes[t0 + tt]
-                o = out[tt]
-                for i in range(h):
-                    x = row[i]
-                    o[i] = x & 15
-                    o[i + h] = x >> 4
+                o = out[off + tt]
+                for i in range(h):  # in float arithmetic: whole vectors, no 64-bit integer lanes
+                    x = np.float32(row[i])
+                    hi = np.floor(x * np.float32(0.0625))
+                    o[i] = x - 16 * hi
+                    o[i + h] = hi
         elif bits == 2 or bits == 3:
             h = d // 4
             for tt in range(n):
                 row = codes[t0 + tt]
-                o = out[tt]
+                o = out[off + tt]
                 for i in range(h):
-                    x = row[i]
-                    o[i] = x & 3
-                    o[i + h] = (x >> 2) & 3
-                    o[i + 2 * h] = (x >> 4) & 3
-                    o[i + 3 * h] = x >> 6
+                    x = np.float32(row[i])
+                    a = np.floor(x * np.float32(0.25))
+                    b = np.floor(a * np.float32(0.25))
+                    c = np.floor(b * np.float32(0.25))
+                    o[i] = x - 4 * a
+                    o[i + h] = a - 4 * b
+                    o[i + 2 * h] = b - 4 * c
+                    o[i + 3 * h] = c
                 if bits == 3:  # the third bit: a 1-bit plane, bit j of byte i is channel 8i + j
                     for i in range(d // 8):
-                        x = row[h + i]
+                        hi = bit3[row[h + i]]
                         for j in range(8):
-                            o[8 * i + j] += ((x >> j) & 1) * 4
+                            o[8 * i + j] += hi[j]
         else:
             for tt in range(n):
                 row = codes[t0 + tt]
-                o = out[tt]
+                o = out[off + tt]
                 for i in range(d):
-                    o[i] = row[i]
+                    o[i] = np.float32(row[i])
 
     @njit(inline="always", fastmath=_FAST)
-    def _softmax_block(s, n, m, lsum, acc, zsum, p):
+    def _softmax_block(s, n, m, lsum, acc, p):
         """Online-softmax update for ``n`` scores ``s[:, :n]``: rescale the running state to the new maximum
         and leave the block's weights in ``p``. Returns False (state untouched) when all are -inf."""
         any_finite = False
@@ -144,8 +149,6 @@ if numba is not None:
                 lsum[r] *= alpha
                 for i in range(acc.shape[1]):
                     acc[r, i] *= alpha
-                for i in range(zsum.shape[1]):
-                    zsum[r, i] *= alpha
                 m[r] = mn
             tot = np.float32(0)
             for t in range(n):
@@ -156,119 +159,52 @@ if numba is not None:
         return any_finite
 
     @njit(inline="always", fastmath=_FAST)
-    def _scores(qf, qz, kbuf, n, softcap, mask, b, t0, start, s):
-        """``s[r, t] = qf[r] . kbuf[t] + qz[r]``, softcapped, masked, -inf before ``start``."""
+    def _scores(qf, qz, kbuf, n, s, off):
+        """``s[r, off + t] = qf[r] . kbuf[off + t] + qz[r]`` for ``t < n``."""
         d = kbuf.shape[1]
-        for tt in range(n):
+        for tt in range(off, off + n):
             kr = kbuf[tt]
             for r in range(qf.shape[0]):
                 a = np.float32(0)
                 for i in range(d):
                     a += qf[r, i] * kr[i]
                 s[r, tt] = a + qz[r]
+
+    @njit(inline="always", fastmath=_FAST)
+    def _adjust(s, n, softcap, mask, b, t0, start):
+        """Softcap, add the mask and set -inf before ``start``: scores ``s[:, :n]`` of tokens ``t0 ..``."""
         if softcap > 0:
-            for r in range(qf.shape[0]):
+            for r in range(s.shape[0]):
                 for tt in range(n):
                     s[r, tt] = np.tanh(s[r, tt] / softcap) * softcap
         if mask.shape[0] > 0:
-            for r in range(qf.shape[0]):
+            for r in range(s.shape[0]):
                 for tt in range(n):
                     s[r, tt] += mask[b, t0 + tt]
         if start > t0:
-            for r in range(qf.shape[0]):
+            for r in range(s.shape[0]):
                 for tt in range(min(n, start - t0)):
                     s[r, tt] = -np.inf
 
     @njit(inline="always", fastmath=_FAST)
-    def _values(buf, n, t0, p, vs, vz, f16, gv, acc, zsum, wsc):
-        """``acc[r] += p[r, t] * scale[t] * codes[t]`` and ``zsum[r, c] += p[r, t] * zero[t, c]`` over the
-        block's ``n`` tokens: the weights folded into the per-token value scales."""
-        r_count, c_count = acc.shape[0], zsum.shape[1]
+    def _values(buf, n, t0, p, vs, vz, f16, gv, acc):
+        """``acc[r] += p[r, t] * (codes[t] * scale[t] + zero[t])`` over the block's ``n`` tokens (``buf``: their
+        codes as floats, dequantized in place, a value group of ``gv`` channels at a time)."""
+        r_count, d = acc.shape
         for tt in range(n):
             t = t0 + tt
-            for c in range(c_count):
+            vr = buf[tt]
+            for c in range(d // gv):
                 sv = f16[vs[t, c]]
                 zv = f16[vz[t, c]]
-                for r in range(r_count):
-                    w = p[r, tt]
-                    wsc[r, c] = w * sv
-                    zsum[r, c] += w * zv
-            vr = buf[tt]
+                for j in range(c * gv, (c + 1) * gv):
+                    vr[j] = vr[j] * sv + zv
             for r in range(r_count):
+                w = p[r, tt]
                 a = acc[r]
-                for c in range(c_count):
-                    ws = wsc[r, c]
-                    for j in range(c * gv, (c + 1) * gv):
-                        a[j] += ws * vr[j]
+                for j in range(d):
+                    a[j] += w * vr[j]
 
-    @njit(parallel=True, fastmath=_FAST, cache=True)
-    def _attend(q, rows, items, mask, f16, kbits, vbits, g, gv, softcap, pm, pl, pacc):
-        """Partial attention of every work item ``(row, kv head, t0, t1)``: running max ``pm``, sum ``pl`` and
-        unnormalised output ``pacc`` per query head of the group. ``q [B, H, R, D]`` float32, scaled and
-        rotated; ``mask [B, KV]`` additive float32 (or ``[0, 0]``: none); ``softcap`` float32 (0: none)."""
-        heads, r_count, d = q.shape[1], q.shape[2], q.shape[3]
-        kb = d * kbits // 8
-        vb = d * vbits // 8
-        c_count = d // gv
-        blk = max(g, 32)
-        for it in prange(items.shape[0]):
-            b, h, t0, t1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
-            n_q, n_r, start = rows[b, 8], rows[b, 9], rows[b, 10]
-            qv = q[b, h]
-            m = np.full(r_count, -np.inf, np.float32)
-            lsum = np.zeros(r_count, np.float32)
-            acc = np.zeros((r_count, d), np.float32)
-            zsum = np.zeros((r_count, c_count), np.float32)
-            s = np.empty((r_count, blk), np.float32)
-            p = np.empty((r_count, blk), np.float32)
-            buf = np.empty((blk, d), np.float32)
-            wsc = np.empty((r_count, c_count), np.float32)
-            if t0 < n_q:  # quantized past, whole key groups
-                kc = numba.carray(_address(rows[b, 0]), (heads, n_q, kb), np.uint8)[h]
-                ks = numba.carray(_address(rows[b, 1]), (heads, n_q // g, d), np.uint16)[h]
-                kz = numba.carray(_address(rows[b, 2]), (heads, n_q // g, d), np.uint16)[h]
-                vc = numba.carray(_address(rows[b, 3]), (heads, n_q, vb), np.uint8)[h]
-                vs = numba.carray(_address(rows[b, 4]), (heads, n_q, c_count), np.uint16)[h]
-                vz = numba.carray(_address(rows[b, 5]), (heads, n_q, c_count), np.uint16)[h]
-                qf = np.empty((r_count, d), np.float32)
-                qz = np.empty(r_count, np.float32)
-                for grp in range(t0 // g, t1 // g):
-                    base = grp * g
-                    if base + g <= start:
-                        continue
-                    for r in range(r_count):
-                        z = np.float32(0)
-                        for i in range(d):
-                            qf[r, i] = qv[r, i] * f16[ks[grp, i]]
-                            z += qv[r, i] * f16[kz[grp, i]]
-                        qz[r] = z
-                    _unpack(kc, base, g, kbits, d, buf)
-                    _scores(qf, qz, buf, g, softcap, mask, b, base, start, s)
-                    if not _softmax_block(s, g, m, lsum, acc, zsum, p):
-                        continue
-                    _unpack(vc, base, g, vbits, d, buf)
-                    _values(buf, g, base, p, vs, vz, f16, gv, acc, zsum, wsc)
-            else:  # the full-precision residual window
-                rk = numba.carray(_address(rows[b, 6]), (heads, n_r, d), np.float32)[h]
-                rv = numba.carray(_address(rows[b, 7]), (heads, n_r, d), np.float32)[h]
-                zero = np.zeros(r_count, np.float32)
-                for u0 in range(0, n_r, blk):
-                    n = min(blk, n_r - u0)
-                    _scores(qv, zero, rk[u0 : u0 + n], n, softcap, mask, b, n_q + u0, start, s)
-                    if not _softmax_block(s, n, m, lsum, acc, zsum, p):
-                        continue
-                    for tt in range(n):
-                        vr = rv[u0 + tt]
-                        for r in range(r_count):
-                            w = p[r, tt]
-                            for i in range(d):
-                                acc[r, i] += w * vr[i]
-            for r in range(r_count):
-                pm[it, r] = m[r]
-                pl[it, r] = lsum[r]
-                for c in range(c_count):
-                    for j in range(c * gv, (c + 1) * gv):
-                        pacc[it, r, j] = acc[r, j] + zsum[r, c]
 
     @njit(parallel=True, fastmath=_FAST, cache=True)
     def _merge(first, pm, pl, pacc, out):
@@ -279,9 +215,9 @@ if numba is not None:
                 mx = -np.inf
                 for it in range(first[k], first[k + 1]):
                     mx = max(mx, pm[it, r])
-                tot = 0.0
+                tot = np.float32(0)
                 for i in range(d):
-                    out[k, r, i] = 0.0
+                    out[k, r, i] = 0
                 if mx == -np.inf:
                     continue
                 for it in range(first[k], first[k + 1]):
@@ -293,6 +229,93 @@ if numba is not None:
                         out[k, r, i] += w * pacc[it, r, i]
                 for i in range(d):
                     out[k, r, i] /= tot
+
+
+def _build(r_count: int, d: int, g: int, gv: int, kbits: int, vbits: int):
+    """The kernel for one shape: query heads per KV head, head width, group sizes and bit widths are
+    compile-time constants (fixed trip counts: LLVM unrolls and vectorises the inner loops; with them as
+    run-time values the same code runs 5-7x slower). Compiled on first use, cached on disk by numba."""
+    kb = d * kbits // 8
+    vb = d * vbits // 8
+    c_count = d // gv
+    blk = g * max(1, 64 // g)  # tokens per softmax block
+
+    @njit(parallel=True, fastmath=_FAST, cache=True)
+    def attend(q, rows, items, mask, f16, bit3, softcap, pm, pl, pacc):
+        """Partial attention of every work item ``(row, kv head, t0, t1)``: running max ``pm``, sum ``pl`` and
+        unnormalised output ``pacc`` per query head of the group. ``q [B, H, R, D]`` float32, scaled and
+        rotated; ``mask [B, KV]`` additive float32 (or ``[0, 0]``: none); ``softcap`` float32 (0: none)."""
+        heads = q.shape[1]
+        for it in prange(items.shape[0]):
+            b, h, t0, t1 = items[it, 0], items[it, 1], items[it, 2], items[it, 3]
+            n_q, n_r, start = rows[b, 8], rows[b, 9], rows[b, 10]
+            qv = q[b, h]
+            m = np.full(r_count, -np.inf, np.float32)
+            lsum = np.zeros(r_count, np.float32)
+            acc = np.zeros((r_count, d), np.float32)
+            s = np.empty((r_count, blk), np.float32)
+            p = np.empty((r_count, blk), np.float32)
+            buf = np.empty((blk, d), np.float32)
+            if t0 < n_q:  # quantized past, whole key groups
+                kc = numba.carray(_address(rows[b, 0]), (heads, n_q, kb), np.uint8)[h]
+                ks = numba.carray(_address(rows[b, 1]), (heads, n_q // g, d), np.uint16)[h]
+                kz = numba.carray(_address(rows[b, 2]), (heads, n_q // g, d), np.uint16)[h]
+                vc = numba.carray(_address(rows[b, 3]), (heads, n_q, vb), np.uint8)[h]
+                vs = numba.carray(_address(rows[b, 4]), (heads, n_q, c_count), np.uint16)[h]
+                vz = numba.carray(_address(rows[b, 5]), (heads, n_q, c_count), np.uint16)[h]
+                qf = np.empty((r_count, d), np.float32)
+                qz = np.empty(r_count, np.float32)
+                for base in range(t0, t1, blk):  # a block: whole key groups, one softmax update
+                    n = min(blk, t1 - base)
+                    if base + n <= start:
+                        continue
+                    for off in range(0, n, g):
+                        grp = (base + off) // g
+                        for r in range(r_count):
+                            z = np.float32(0)
+                            for i in range(d):
+                                qf[r, i] = qv[r, i] * f16[ks[grp, i]]
+                                z += qv[r, i] * f16[kz[grp, i]]
+                            qz[r] = z
+                        _unpack(kc, base + off, g, kbits, d, buf, off, bit3)
+                        _scores(qf, qz, buf, g, s, off)
+                    _adjust(s, n, softcap, mask, b, base, start)
+                    if not _softmax_block(s, n, m, lsum, acc, p):
+                        continue
+                    _unpack(vc, base, n, vbits, d, buf, 0, bit3)
+                    _values(buf, n, base, p, vs, vz, f16, gv, acc)
+            else:  # the full-precision residual window
+                rk = numba.carray(_address(rows[b, 6]), (heads, n_r, d), np.float32)[h]
+                rv = numba.carray(_address(rows[b, 7]), (heads, n_r, d), np.float32)[h]
+                zero = np.zeros(r_count, np.float32)
+                for u0 in range(0, n_r, blk):
+                    n = min(blk, n_r - u0)
+                    _scores(qv, zero, rk[u0 : u0 + n], n, s, 0)
+                    _adjust(s, n, softcap, mask, b, n_q + u0, start)
+                    if not _softmax_block(s, n, m, lsum, acc, p):
+                        continue
+                    for tt in range(n):
+                        vr = rv[u0 + tt]
+                        for r in range(r_count):
+                            w = p[r, tt]
+                            for i in range(d):
+                                acc[r, i] += w * vr[i]
+            for r in range(r_count):
+                pm[it, r] = m[r]
+                pl[it, r] = lsum[r]
+                for j in range(d):
+                    pacc[it, r, j] = acc[r, j]
+
+    return attend
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(*shape: int):
+    if shape not in _KERNELS:
+        _KERNELS[shape] = _build(*shape)
+    return _KERNELS[shape]
 
 
 def _plan(quantized: list[int], recent: list[int], heads: int, group: int, threads: int):
@@ -362,8 +385,8 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
     pm = np.empty((n, rep), np.float32)
     pl = np.empty((n, rep), np.float32)
     pacc = np.empty((n, rep, d), np.float32)
-    _attend(q.numpy(), table, items, mask, _F16, cfg.key_bits, cfg.value_bits, cfg.key_group, cfg.value_group,
-            np.float32(softcap or 0.0), pm, pl, pacc)
+    attend = _kernel(rep, d, cfg.key_group, cfg.value_group, cfg.key_bits, cfg.value_bits)
+    attend(q.numpy(), table, items, mask, _F16, _BIT3, np.float32(softcap or 0.0), pm, pl, pacc)
     out = np.empty((b * heads, rep, d), np.float32)
     _merge(first, pm, pl, pacc, out)
     del keep
