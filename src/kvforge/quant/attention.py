@@ -94,7 +94,8 @@ def quantized_attention(query: torch.Tensor, view, attention_mask, scaling: floa
 def kvforge_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface. On a quantized layer's view: a prompt chunk (more than one query
     token) attends through SDPA on full-precision tensors (its own keys as they are, the quantized past
-    dequantized in the stored space); a decode step runs on the codes: the compiled CPU kernel
+    dequantized in the stored space), as does a step before any token was quantized; a decode step runs on
+    the codes: the compiled CPU kernel
     (:mod:`kvforge.quant.cpu_kernel`), the Triton kernel on GPUs, else the PyTorch path above."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -110,7 +111,7 @@ def kvforge_attention(module, query, key, value, attention_mask, dropout: float 
                 return cpu_kernel.decode(query, key.views, scaling, softcap, starts=key.starts), None
             key, value = key.dense()
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        if query.shape[2] > 1 and softcap is None:
+        if softcap is None and (query.shape[2] > 1 or key.quantized_tokens == 0):  # a prompt, or no codes yet
             return _prompt_attention(module, query, key, attention_mask, scaling, **kwargs)
         if cpu_kernel.why_not(key, query) is None:
             return cpu_kernel.decode(query, [key], scaling, softcap, attention_mask), None

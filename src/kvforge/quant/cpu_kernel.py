@@ -378,8 +378,9 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
         if am.dtype == torch.bool:
             am = torch.zeros(am.shape).masked_fill_(~am, -math.inf)
         mask = am.float().contiguous().numpy()
-    threads = torch.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
     items, first = _plan(table[:, 8].tolist(), table[:, 9].tolist(), heads, cfg.key_group, threads)
     n = items.shape[0]
     pm = np.empty((n, rep), np.float32)
