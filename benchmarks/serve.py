@@ -9,9 +9,10 @@ clients (``/v1/completions``, greedy, ``max_tokens`` new tokens each):
   than the prefix store's minimum, so the store plays no part here;
 * prefix reuse: TTFT of a request whose ``--prefix-tokens``-token prefix is in the store (a second question
   about the same document) against a miss (a document not seen before), median of ``--prefix-trials``;
-* soak (the first spec only, ``--soak-seconds``, 0 skips): 16 clients send requests back to back against a
-  server with ``--max-kv-bytes``; requests sent, completed, failed, the server's peak KV bytes held and
-  its peak RSS against the budget.
+* soak (every spec, ``--soak-seconds`` each, 0 skips): 16 clients send requests back to back against a
+  server with ``--max-kv-bytes``; requests sent, completed, failed, the server's peak KV bytes held, and
+  its RSS sampled every 10 s (tabled, and plotted in ``soak_rss.png``): growth is counted after
+  ``--soak-warmup`` seconds (default 120), when the allocator and caches have had their first fill.
 
     python benchmarks/serve.py                                  # ~15 min on 2 CPU cores
     python benchmarks/serve.py --requests 8 --soak-seconds 30   # a quick look
@@ -167,17 +168,28 @@ async def prefix_ttft(url: str, model: str, docs: list[str], max_tokens: int = 4
     return {"miss_ttft": statistics.median(miss), "hit_ttft": statistics.median(hit), "miss_all": miss, "hit_all": hit}
 
 
-async def soak(server: Server, model: str, prompts: list[str], clients: int, seconds: float, max_tokens: int) -> dict:
+async def soak(server: Server, model: str, prompts: list[str], clients: int, seconds: float, max_tokens: int,
+               warmup: float = 120, every: float = 10) -> dict:
+    """``clients`` streaming clients back to back for ``seconds``; the server's RSS sampled every ``every`` s.
+    Growth: RSS at the end against RSS after ``warmup`` s (the allocator's and caches' first fill)."""
     sent = completed = failed = 0
     errors: dict[str, int] = {}
-    stop_at = time.perf_counter() + seconds
+    t_start = time.perf_counter()
+    stop_at = t_start + seconds
     peak_rss, baseline = 0, server.rss()
+    samples: list[tuple[float, int, int]] = []  # (seconds, rss, requests completed)
     sampling = True
 
     def sample():
         nonlocal peak_rss
+        last = -every
         while sampling:
-            peak_rss = max(peak_rss, server.rss())
+            rss = server.rss()
+            peak_rss = max(peak_rss, rss)
+            t = time.perf_counter() - t_start
+            if t - last >= every:
+                samples.append((round(t, 1), rss, completed))
+                last = t
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -202,9 +214,16 @@ async def soak(server: Server, model: str, prompts: list[str], clients: int, sec
         wall = time.perf_counter() - t0
     sampling = False
     sampler.join()
+    samples.append((round(time.perf_counter() - t_start, 1), server.rss(), completed))
+    after = [x for x in samples if x[0] >= warmup]
+    growth = after[-1][1] - after[0][1] if len(after) > 1 else None
+    per_1k = None
+    if len(after) > 1 and after[-1][2] > after[0][2]:
+        per_1k = 1000 * growth / (after[-1][2] - after[0][2])
     return {"clients": clients, "seconds": wall, "sent": sent, "completed": completed, "failed": failed,
             "lost": sent - completed - failed, "errors": errors, "baseline_rss": baseline, "peak_rss": peak_rss,
-            "peak_kv_bytes": server.metric("kvforge_kv_bytes_peak")}
+            "peak_kv_bytes": server.metric("kvforge_kv_bytes_peak"), "warmup": warmup, "rss_samples": samples,
+            "growth_after_warmup": growth, "growth_per_1k_requests": per_1k}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -230,6 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix-trials", type=int, default=3)
     ap.add_argument("--soak-seconds", type=float, default=300)
     ap.add_argument("--soak-clients", type=int, default=16)
+    ap.add_argument("--soak-warmup", type=float, default=120, help="seconds of soak before RSS growth is counted")
     ap.add_argument("--max-kv-bytes", default="64M", help="the soak server's --max-kv-bytes")
     ap.add_argument("--server-threads", type=int, default=None, help="the servers' torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -276,24 +296,36 @@ def main(argv=None) -> int:
         finally:
             server.stop()
 
-    if args.soak_seconds > 0:
-        spec = specs[0]
+    result["soak"] = []
+    for spec in specs if args.soak_seconds > 0 else []:
         print(f"== soak: {args.soak_clients} clients for {args.soak_seconds:.0f}s, {spec}, --max-kv-bytes {args.max_kv_bytes}",
               flush=True)
         server = Server(args.model, spec, "--max-kv-bytes", str(budget), *threads)
         try:
             asyncio.run(run_load(server.url, args.model, prompts[:2], 2, 4))
-            s = asyncio.run(soak(server, args.model, prompts, args.soak_clients, args.soak_seconds, args.max_tokens))
+            s = asyncio.run(soak(server, args.model, prompts, args.soak_clients, args.soak_seconds, args.max_tokens,
+                                 warmup=args.soak_warmup))
         finally:
             server.stop()
         s.update(spec=spec, max_kv_bytes=budget)
-        result["soak"] = s
+        result["soak"].append(s)
         print(f"  sent {s['sent']}, completed {s['completed']}, failed {s['failed']}, peak KV {mib(s['peak_kv_bytes'])}, "
-              f"RSS {mib(s['baseline_rss'])} -> peak {mib(s['peak_rss'])}", flush=True)
+              f"RSS {mib(s['baseline_rss'])} -> peak {mib(s['peak_rss'])}, after warm-up "
+              f"{mib(s['growth_after_warmup'] or 0)}", flush=True)
+        record.write_json("partial.json", result)
+    if result["soak"]:
+        from kvforge.plots import plot_lines
+
+        plot_lines({"server RSS during the soak": {k["spec"]: [(t, rss / 2**20) for t, rss, _ in k["rss_samples"]]
+                                                   for k in result["soak"]}},
+                   record.path("soak_rss.png"), xlabel="seconds", ylabel="resident MiB", logx=False)
 
     md = render(result, record.meta)
     print(md)
     record.write_table(md, **result)
+    partial = record.path("partial.json")
+    partial.unlink(missing_ok=True)
+    record.written = [w for w in record.written if w != partial]
     record.announce()
     return 0
 
@@ -319,14 +351,18 @@ def render(r: dict, meta: dict) -> str:
         for spec, p in r["prefix"].items():
             lines.append(f"| {spec} | {p['miss_ttft']:.3f} s | {p['hit_ttft']:.3f} s | "
                          f"{100 * p['hit_ttft'] / p['miss_ttft']:.1f}% |")
-    if r["soak"]:
-        k = r["soak"]
+    for k in r["soak"] or []:
+        after = [x for x in k["rss_samples"] if x[0] >= k["warmup"]]
         lines += ["", f"Soak: {k['clients']} clients for {k['seconds']:.0f} s, {k['spec']}, --max-kv-bytes "
-                  f"{mib(k['max_kv_bytes'])}:", "",
-                  "| sent | completed | failed | lost | peak KV bytes held | RSS at start | peak RSS | RSS growth |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  f"{mib(k['max_kv_bytes'])}; RSS sampled every 10 s (`soak_rss.png`), growth counted after "
+                  f"{k['warmup']:.0f} s of warm-up:", "",
+                  "| sent | completed | failed | lost | peak KV bytes held | RSS at start | RSS after warm-up | RSS at end "
+                  "| growth after warm-up | per 1k requests |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {k['sent']} | {k['completed']} | {k['failed']} | {k['lost']} | {mib(k['peak_kv_bytes'])} | "
-                  f"{mib(k['baseline_rss'])} | {mib(k['peak_rss'])} | {mib(k['peak_rss'] - k['baseline_rss'])} |"]
+                  f"{mib(k['baseline_rss'])} | {mib(after[0][1]) if after else '-'} | {mib(k['rss_samples'][-1][1])} | "
+                  f"{mib(k['growth_after_warmup']) if k['growth_after_warmup'] is not None else '-'} | "
+                  f"{mib(k['growth_per_1k_requests']) if k['growth_per_1k_requests'] is not None else '-'} |"]
         if k["errors"]:
             lines += ["", "Errors: " + "; ".join(f"{n}x {e}" for e, n in k["errors"].items())]
     return "\n".join(lines) + "\n"

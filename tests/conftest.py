@@ -16,7 +16,14 @@ class CharTokenizer:
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
     eos_token, pad_token = "<eos>", "<pad>"
-    chat_template = None
+    chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}assistant:{% endif %}")
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False, **kwargs):
+        import jinja2
+
+        text = jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self(text).input_ids if tokenize else text
 
     def __call__(self, text, return_tensors=None, add_special_tokens=True):
         ids = ([1] if add_special_tokens else []) + [3 + b for b in text.encode()]

@@ -49,12 +49,13 @@ def test_every_width_and_rotation_matches_the_reference(bits, rotate):
     _close(cpu_kernel.decode(q, [view], 0.125), ref)
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 64), (1, 4, 256), (2, 1, 32), (4, 2, 128)], ids=lambda s: "H{}xR{}xD{}".format(*s))
-@pytest.mark.parametrize("groups", [(16, 16), (64, 64), (32, 128)], ids=lambda g: f"G{g[0]}GV{g[1]}")
-def test_head_shapes_and_groups(shape, groups):
-    heads, rep, dim = shape
-    g, gv = groups
-    gv = min(gv, dim)
+# (KV heads, query heads per KV head, head width, key group, value group); each shape compiles its own kernel
+SHAPES = [(3, 3, 64, 16, 16), (1, 4, 256, 64, 64), (2, 1, 32, 32, 32), (4, 2, 128, 32, 128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}xR{}xD{}-G{}-GV{}".format(*s))
+def test_head_shapes_and_groups(shape):
+    heads, rep, dim, g, gv = shape
     cfg = QuantConfig(4, 2, key_group=g, value_group=gv, residual_length=2 * g)
     for tokens in (g - 1, 5 * g + 7, 1500):  # nothing quantized yet; a few groups; many pieces across threads
         view = _view(cfg, tokens, heads, dim)
@@ -151,3 +152,35 @@ def test_refusals_are_named():
     other = _view(QuantConfig(2, 2, key_group=32, value_group=32, residual_length=64), 100)
     with pytest.raises(ValueError, match="share their quantization settings"):
         cpu_kernel.decode(torch.randn(2, 9, 1, 64), [view, other], 0.125)
+
+
+def test_server_batched_step_reads_each_requests_codes(tiny, monkeypatch):
+    """The server's batched decode step over requests of different lengths: one kernel call per layer with
+    every request's own quantized layer (no padded dense copy), logits as each request decoded alone."""
+    from kvforge import build_cache, run
+    from kvforge.serve.batch import BatchedCache
+
+    model, _ = tiny
+    spec = "kvforge-quant:key_bits=4,value_bits=4,key_group=8,value_group=16,residual=8"
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (1, n), generator=g) for n in (21, 50, 90)]
+    nxt = torch.randint(3, 200, (3, 1), generator=g)
+    calls = []
+    real = cpu_kernel.decode
+    monkeypatch.setattr(cpu_kernel, "decode", lambda q, views, *a, **k: calls.append(len(views)) or real(q, views, *a, **k))
+    with torch.inference_mode():
+        alone, caches = [], []
+        for p in prompts:
+            for target in (alone, caches):
+                cache = build_cache(spec, model)
+                run.prefill(model, p, cache)
+                target.append(cache)
+        ref = torch.cat([run.forward(model, t[None], c, start=p.shape[1], logits_to_keep=1).logits[:, -1]
+                         for p, t, c in zip(prompts, nxt, alone)])
+        calls.clear()
+        seen = [p.shape[1] for p in prompts]
+        view = BatchedCache(model, caches, seen)
+        out = model(input_ids=nxt, **run.cache_kw(view), use_cache=True, position_ids=run.row_positions(seen, [1] * 3),
+                    attention_mask=view.attention_mask(torch.float32), logits_to_keep=1).logits[:, -1]
+    assert calls and set(calls) == {3}, f"the batched step did not run the kernel on all rows: {calls}"
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)

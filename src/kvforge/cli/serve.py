@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _bytes(text: str) -> int:
     """``1073741824``, ``512M``, ``2G``, ``1.5GiB`` -> bytes."""
@@ -34,6 +36,12 @@ def add_commands(sub) -> None:
                    help="prompt tokens per prefill pass while others generate (default 256)")
     p.add_argument("--served-name", default=None, help="the model name clients send (default: the --model value)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--require-cache-salt", action="store_true",
+                   help="refuse requests without a cache_salt (prefixes are shared only under the same salt)")
+    p.add_argument("--preload", default=None, metavar="FILE",
+                   help="prefixes to store and pin at start-up: JSON lines {\"prompt\": text or token ids, \"cache_salt\": ...}")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for a model without one (chat requests are refused otherwise)")
     p.add_argument("--default-max-tokens", type=int, default=512, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
@@ -42,6 +50,10 @@ def cmd_serve(args) -> int:
     from ..specs import parse_spec
 
     parse_spec(args.cache)  # a bad spec fails before the model loads
+    for name in ("preload", "chat_template"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
     try:
         from ..serve.server import ServeConfig, run
     except ImportError as e:
@@ -50,5 +62,6 @@ def cmd_serve(args) -> int:
                     store_bytes=args.store_bytes, no_store=args.no_store, max_kv_bytes=args.max_kv_bytes,
                     max_queue=args.max_queue, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                     default_max_tokens=args.default_max_tokens, dtype=args.dtype, served_name=args.served_name,
-                    threads=args.threads))
+                    threads=args.threads, require_cache_salt=args.require_cache_salt, preload=args.preload,
+                    chat_template=args.chat_template))
     return 0

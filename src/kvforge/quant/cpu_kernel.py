@@ -352,7 +352,9 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
     cfg = layer.config
     b, hq, _, d = query.shape
     if len(views) == 1 and b > 1:  # one cache of batch B: one table row per sequence
-        views = [_row_view(views[0], i) for i in range(b)]
+        v = views[0]
+        parts = (v.k_codes, v.k_scale, v.k_zero, v.v_codes, v.v_scale, v.v_zero, v.recent_k, v.recent_v)
+        views = [type(v)(v.layer, *(t[i : i + 1] for t in parts)) for i in range(b)]
     if any(v.layer.config != cfg for v in views):
         raise ValueError("the sequences of one decode batch must share their quantization settings")
     heads = views[0].recent_k.shape[1]
@@ -396,9 +398,3 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
         o = o @ layer.rot.T
     return o.reshape(b, hq, 1, d).transpose(1, 2).to(query.dtype)
 
-
-def _row_view(view, i: int):
-    from .view import QuantizedView
-
-    return QuantizedView(view.layer, *(t[i : i + 1] for t in (view.k_codes, view.k_scale, view.k_zero, view.v_codes,
-                                                               view.v_scale, view.v_zero, view.recent_k, view.recent_v)))

@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API over an :class:`~kvforge.serve.engine.Engine` (FastAPI).
 
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events in the
-OpenAI chunk shape, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+OpenAI chunk shape, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``, and
+the prefix store: ``POST /v1/kv/prefixes`` (store a prefix ahead of traffic, pinned), ``GET /v1/kv/prefixes``
+(entries with tokens, bytes, hits), ``DELETE /v1/kv/prefixes/{id}`` (unpin). A request may carry
+``cache_salt`` (vLLM's field): prefixes are shared only between requests with the same salt.
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status
 (5xx only for the server's own failures), and the server keeps serving.
 """
@@ -22,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, Overloaded, RequestTooLarge, SamplingParams
 from .engine import Request as EngineRequest
-from .text import chat_prompt_ids
+from .text import NoChatTemplate, chat_prompt_ids
 
 MAX_STOP = 4
 
@@ -45,6 +48,7 @@ class ServerInfo:
     spec: str
     default_max_tokens: int = 512  # chat requests that give no max_tokens: up to this many (and the context)
     created: int = 0
+    require_cache_salt: bool = False  # refuse requests without a cache_salt (tenant isolation enforced)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -78,11 +82,11 @@ def _sampling(body: dict, prompt_tokens: int, context: int, default_max: int, na
     if max_tokens < 1:
         raise APIError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param, code="invalid_value")
     if prompt_tokens >= context:
-        raise APIError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+        raise APIError(400, f"the maximum context length here is {context} tokens (the model's, or its cache's size), but the prompt has "
                        f"{prompt_tokens} tokens; shorten the prompt", param="messages" if "messages" in body else "prompt",
                        code="context_length_exceeded")
     if prompt_tokens + max_tokens > context:
-        raise APIError(400, f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_tokens} "
+        raise APIError(400, f"the maximum context length here is {context} tokens (the model's, or its cache's size), but {prompt_tokens + max_tokens} "
                        f"were requested ({prompt_tokens} in the prompt, {max_tokens} in '{param}'); lower '{param}'",
                        param=param, code="context_length_exceeded")
     temperature = float(_get(body, "temperature", (int, float), 1.0))
@@ -90,8 +94,10 @@ def _sampling(body: dict, prompt_tokens: int, context: int, default_max: int, na
         raise APIError(400, f"'temperature' must be between 0 and 2, got {temperature}", param="temperature",
                        code="invalid_value")
     top_p = float(_get(body, "top_p", (int, float), 1.0))
-    if not 0 < top_p <= 1:
-        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p", code="invalid_value")
+    if not 0 <= top_p <= 1:
+        raise APIError(400, f"'top_p' must be between 0 and 1, got {top_p}", param="top_p", code="invalid_value")
+    if top_p == 0:  # only the most likely token, as OpenAI reads it: greedy
+        temperature, top_p = 0.0, 1.0
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
@@ -118,6 +124,16 @@ def _sampling(body: dict, prompt_tokens: int, context: int, default_max: int, na
         name = "echo" if body.get("echo") else "suffix"
         raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_value")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+
+
+def _salt(body: dict, required: bool) -> str | None:
+    salt = _get(body, "cache_salt", (str,))
+    if salt == "":
+        raise APIError(400, "'cache_salt' must be a non-empty string", param="cache_salt", code="invalid_value")
+    if salt is None and required:
+        raise APIError(400, "this server requires a 'cache_salt' on every request (it keeps tenants' prefixes apart)",
+                       param="cache_salt", code="missing_required_parameter")
+    return salt
 
 
 def _stream_options(body: dict) -> bool:
@@ -227,7 +243,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": info.model_name, "object": "model", "created": info.created,
                                             "owned_by": "kvforge", "cache": info.spec,
-                                            "context_length": engine.context}]}
+                                            "context_length": engine.capacity,
+                                            "max_model_len": engine.capacity}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -241,21 +258,25 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     async def completions(request: Request):
         body = await read_body(request)
         ids = _prompt_ids(body, engine.tokenizer)
-        params = _sampling(body, len(ids), engine.context, 16)
+        params = _sampling(body, len(ids), engine.capacity, 16)
         return await _serve(request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        ids = chat_prompt_ids(engine.tokenizer, _messages(body))
-        params = _sampling(body, len(ids), engine.context, info.default_max_tokens,
+        try:
+            ids = chat_prompt_ids(engine.tokenizer, _messages(body))
+        except NoChatTemplate as e:
+            raise APIError(400, str(e), param="messages", code="chat_template_missing") from None
+        params = _sampling(body, len(ids), engine.capacity, info.default_max_tokens,
                            names=("max_tokens", "max_completion_tokens"))
         return await _serve(request, body, ids, params, chat=True)
 
     async def _serve(request: Request, body: dict, ids: list[int], params: SamplingParams, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        req = EngineRequest(ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        req = EngineRequest(ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
+                            cache_salt=_salt(body, info.require_cache_salt))
         try:
             engine.submit(req)
         except RequestTooLarge as e:
@@ -268,6 +289,30 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             return StreamingResponse(_sse(req, queue, rid, created, chat, _stream_options(body)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _collect(request, req, queue, rid, created, chat)
+
+    @app.post("/v1/kv/prefixes")
+    async def store_prefix(request: Request):
+        """Store a prefix ahead of traffic (``prompt``: text or token ids; ``cache_salt``; ``pin``, default true)."""
+        body = await read_body(request)
+        ids = _prompt_ids(body, engine.tokenizer)
+        salt = _salt(body, info.require_cache_salt)
+        pin = _get(body, "pin", (bool,), True)
+        try:
+            entry = await asyncio.get_running_loop().run_in_executor(None, lambda: engine.store_prefix(ids, salt, pin))
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt", code="invalid_value") from None
+        return {"object": "kv.prefix", **entry}
+
+    @app.get("/v1/kv/prefixes")
+    async def list_prefixes():
+        entries = [] if engine.store is None else engine.store.entries()
+        return {"object": "list", "data": [{"object": "kv.prefix", **e} for e in entries]}
+
+    @app.delete("/v1/kv/prefixes/{key}")
+    async def unpin_prefix(key: str):
+        if engine.store is None or not engine.store.set_pinned(key, False):
+            raise APIError(404, f"no stored prefix '{key}'", param="id", code="not_found")
+        return {"object": "kv.prefix", "id": key, "pinned": False}
 
     async def _collect(request: Request, req: EngineRequest, queue, rid: str, created: int, chat: bool) -> Response:
         pieces = []

@@ -24,6 +24,8 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -33,6 +35,7 @@ from ..models import text_config
 from ..specs import cache_nbytes, parse_spec
 from ..state import KVState
 from . import step
+from .jobs import EngineJobs
 from .metrics import Metrics
 from .request import Event, Overloaded, Request, RequestTooLarge, SamplingParams
 from .text import TextStream
@@ -40,7 +43,18 @@ from .text import TextStream
 __all__ = ["Engine", "Event", "Overloaded", "Request", "RequestTooLarge", "SamplingParams"]
 
 
-class Engine:
+def _fixed_lengths(cache) -> list[int]:
+    """The fixed sizes of a cache's full-attention layers (``get_max_length() > 0``; a sliding layer's
+    window is not a limit on the context)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        n = layer.get_max_length() if hasattr(layer, "get_max_length") else -1
+        if n and n > 0 and not getattr(layer, "is_sliding", False):
+            out.append(int(n))
+    return out
+
+
+class Engine(EngineJobs):
     """Runs ``model`` for many requests at once (see the module docstring)."""
 
     def __init__(self, model, tokenizer, spec: str = "dynamic", store=None, max_kv_bytes: int | None = None,
@@ -59,6 +73,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.eos = set(_eos_ids(model, tokenizer))
         self.context = int(getattr(text_config(model), "max_position_embeddings", 0) or 1 << 20)
+        # what one request can hold: the model's context, or less when the spec's cache has a fixed size
+        self.capacity = min([self.context, *_fixed_lengths(self.spec.build(model))])
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._fixed, self._per_token, self._probe = self._measure_kv_bytes()
@@ -69,6 +85,7 @@ class Engine:
         self.running: list[Request] = []  # generating
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._jobs: deque[tuple[Callable, Future]] = deque()  # work for the engine's thread between steps
         self.peak_kv_bytes = 0
 
     # ------------------------------------------------------------------------------ life cycle
@@ -96,8 +113,7 @@ class Engine:
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         sizes = []
-        for n in (256, 768):
-            n = min(n, self.context)
+        for n in (min(256, max(1, self.capacity // 3)), min(768, self.capacity)):
             cache = self.spec.build(self.model)
             try:
                 for i in range(len(cache.layers)):
@@ -118,7 +134,12 @@ class Engine:
 
     def submit(self, req: Request) -> None:
         """Queue ``req``; raises :class:`RequestTooLarge` or :class:`Overloaded`."""
-        req.reserved = self.kv_bytes_for(len(req.prompt_ids) + req.params.max_tokens)
+        need = len(req.prompt_ids) + req.params.max_tokens
+        if need > self.capacity:
+            raise RequestTooLarge(
+                f"this request needs {need} tokens of cache ({len(req.prompt_ids)} prompt tokens + max_tokens "
+                f"{req.params.max_tokens}); this server's cache holds at most {self.capacity} per request")
+        req.reserved = self.kv_bytes_for(need)
         if self.max_kv_bytes is not None and req.reserved > self.max_kv_bytes:
             raise RequestTooLarge(
                 f"this request needs about {req.reserved:,} bytes of KV cache ({len(req.prompt_ids)} prompt tokens "
@@ -168,14 +189,22 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self.prefilling and not self.running:
+                while not self._stop and not self.prefilling and not self.running and not self._jobs:
                     self._lock.wait(timeout=1.0)
                 if self._stop:
                     for r in [*self.waiting, *self.prefilling, *self.running]:
                         self._fail(r, "the server is shutting down")
+                    for _, fut in self._jobs:
+                        fut.set_exception(RuntimeError("the server is shutting down"))
                     return
                 self._drop_cancelled()
                 pending = list(self.prefilling)
+                jobs, self._jobs = list(self._jobs), deque()
+            for fn, fut in jobs:  # e.g. a prefix to store: the model runs on this thread only
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
             # prompts first, up to one chunk of tokens in all (shared in arrival order), then one decode step
             if pending:
                 self._prefill(pending, self.prefill_chunk if self.running else self.idle_chunk)
@@ -209,7 +238,7 @@ class Engine:
         r.cache = self.spec.build(self.model)
         if self.store is None:
             return
-        hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1)
+        hit = self._store_call(self.store.lookup, r.prompt_ids, limit=n - 1, salt=r.cache_salt)
         self.metrics.inc("prefix_hits_total" if hit else "prefix_misses_total")
         if hit is not None and self._store_call(hit.state.to_cache, self.model, r.cache) is not None:
             r.seen = r.prefix_tokens = hit.tokens
@@ -266,7 +295,8 @@ class Engine:
         """``r`` has read its prompt up to ``end``: store the prefix there, or start generating at the end."""
         r.seen = end
         if end == r.store_at:
-            self._store_call(self.store.put, KVState.from_cache(r.cache, self.model, torch.tensor([r.prompt_ids[:end]])))
+            self._store_call(self.store.put, KVState.from_cache(r.cache, self.model, torch.tensor([r.prompt_ids[:end]])),
+                             salt=r.cache_salt)
         r.kv_bytes = cache_nbytes(r.cache)
         if end < len(r.prompt_ids):
             return
@@ -359,25 +389,3 @@ class Engine:
             self._release(r)
         self.metrics.inc("requests_total", status="error")
         self._emit(r, Event(error=message))
-
-    # ------------------------------------------------------------------------------ convenience
-    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float = 600) -> tuple[str, list[int], Event]:
-        """Submit one request and wait for it (for tests and scripts): ``(text, token_ids, final event)``."""
-        done = threading.Event()
-        pieces: list[str] = []
-        last: list[Event] = []
-
-        def on_event(e: Event) -> None:
-            pieces.append(e.text)
-            if e.finish_reason or e.error:
-                last.append(e)
-                done.set()
-
-        req = Request(list(prompt_ids), params, on_event)
-        self.submit(req)
-        if not done.wait(timeout):
-            self.cancel(req)
-            raise TimeoutError(f"request {req.id} did not finish in {timeout}s")
-        if last[0].error:
-            raise RuntimeError(last[0].error)
-        return "".join(pieces), list(req.generated), last[0]

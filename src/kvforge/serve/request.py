@@ -49,6 +49,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     on_event: Callable[[Event], None]
+    cache_salt: str | None = None  # the tenant's salt: prefixes are shared only under the same salt
     id: int = field(default_factory=lambda: next(_ids))
     # engine-side state
     cache: object = None

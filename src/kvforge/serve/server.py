@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .api import ServerInfo, create_app
 from .engine import Engine
@@ -30,6 +31,9 @@ class ServeConfig:
     dtype: str = "float32"
     served_name: str | None = None  # the "model" clients send (default: the --model value)
     threads: int | None = None  # torch CPU threads (default: torch's own choice)
+    require_cache_salt: bool = False  # refuse requests without a cache_salt
+    preload: str | None = None  # JSON lines of prefixes to store and pin at start-up
+    chat_template: str | None = None  # a Jinja chat template file for a model without one
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "prefill_chunk", "store_block", "default_max_tokens"):
@@ -45,6 +49,8 @@ def build(config: ServeConfig, model=None, tokenizer=None):
         from ..models import load_model
 
         model, tokenizer = load_model(config.model, dtype=config.dtype)
+    if config.chat_template:
+        tokenizer.chat_template = Path(config.chat_template).read_text()
     store = None
     if not config.no_store:
         store = PrefixStore(model, config.cache, config.kv_store, max_bytes=config.store_bytes,
@@ -52,9 +58,39 @@ def build(config: ServeConfig, model=None, tokenizer=None):
     engine = Engine(model, tokenizer, config.cache, store=store, max_kv_bytes=config.max_kv_bytes,
                     max_queue=config.max_queue, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk)
     app = create_app(engine, ServerInfo(config.served_name or config.model, str(engine.spec),
-                                        default_max_tokens=config.default_max_tokens))
+                                        default_max_tokens=config.default_max_tokens,
+                                        require_cache_salt=config.require_cache_salt))
+    if config.preload:
+        preload(engine, config.preload)
     engine.start()
     return app, engine
+
+
+def preload(engine: Engine, path: str) -> list[dict]:
+    """Store and pin the prefixes of a JSON-lines file (``{"prompt": text or token ids, "cache_salt": ...}``),
+    before traffic. Raises ``ValueError`` naming the line of a bad entry."""
+    import json
+
+    out = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt = item["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' ({e})") from None
+        if isinstance(prompt, str):
+            ids = list(engine.tokenizer(prompt).input_ids)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+        else:
+            raise ValueError(f"{path}:{i}: 'prompt' must be text or a list of token ids")
+        try:
+            out.append(engine.store_prefix(ids, item.get("cache_salt"), pin=True))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+    return out
 
 
 def run(config: ServeConfig) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 
+class NoChatTemplate(ValueError):
+    """The model has no chat template (a base model) and none was given: chat requests are refused rather
+    than run in an invented prompt format."""
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` (``[{"role", "content"}]``) in the model's chat template, ready for the
-    assistant's reply. A tokenizer without a template gets plain ``role: content`` lines."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-        return list(ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return list(tokenizer(text).input_ids)
+    assistant's reply. Raises :class:`NoChatTemplate` when the tokenizer has none (``kvforge serve
+    --chat-template FILE`` gives one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate("this model has no chat template (it is a base model): send /v1/completions with a "
+                             "prompt, or start the server with --chat-template FILE (a Jinja chat template)")
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+    return list(ids)
 
 
 class TextStream:
