@@ -226,3 +226,35 @@ def test_http_top_p_zero_is_greedy_and_chat_needs_a_template(tiny_llama):
             assert r.status_code == 200, r.text
         finally:
             tok.chat_template = template
+
+
+def test_a_batched_pass_leaves_no_reference_cycle(tiny_llama):
+    """A batched pass's cache view and the request caches it touched are freed as soon as they are let go,
+    without Python's cyclic collector: a cycle per pass kept finished requests' caches alive until the
+    collector ran, and a server's resident memory grew with every request served."""
+    import gc
+    import weakref
+
+    from kvforge import run
+    from kvforge.serve.batch import BatchedCache
+
+    model, tok = tiny_llama
+    caches, seen = [], []
+    for n in (20, 35):
+        cache = build_cache("dynamic", model)
+        run.prefill(model, ids_of(tok, DOC)[:, :n], cache)
+        caches.append(cache)
+        seen.append(n)
+    gc.collect()
+    gc.disable()
+    try:
+        view = BatchedCache(model, caches, seen)
+        out = model(input_ids=ids_of(tok, "ab")[:, :1].repeat(2, 1), **run.cache_kw(view), use_cache=True,
+                    position_ids=run.row_positions(seen, [1, 1]), attention_mask=view.attention_mask(out_dtype := next(
+                        model.parameters()).dtype), logits_to_keep=1)
+        refs = [weakref.ref(view), *(weakref.ref(c) for c in caches)]
+        assert out.logits.dtype == out_dtype
+        del view, out, caches, cache
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        gc.enable()

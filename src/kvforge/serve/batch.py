@@ -24,25 +24,29 @@ from ..models import layer_types, text_config
 
 
 class _RowsLayer:
-    """Layer ``index`` of the batch: updates each request's own layer and stacks what they return."""
+    """Layer ``index`` of the batch: updates each request's own layer and stacks what they return.
+
+    It holds what it needs (the requests' caches, how many new tokens each feeds, how many keys each
+    attends to), not the :class:`BatchedCache`: a layer pointing back at its cache would make a reference
+    cycle per pass, and the request caches it holds would then live until Python's cyclic collector ran
+    (measured: a server's resident memory grew by about 700 MiB per 300 requests that way).
+    """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, batch: BatchedCache, index: int):
-        self.batch = batch
-        self.index = index
+    def __init__(self, caches: list, new: list[int], need: list[int], index: int):
+        self.caches, self.new, self.need, self.index = caches, new, need, index
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """``key_states``/``value_states`` ``[B, H, Q, D]`` (left-padded) -> ``[B, H, L, D]``, left-padded."""
-        b = self.batch
-        need = b.need[b.kinds[self.index]]  # keys row r attends to, [B]
+        need = self.need  # keys row r attends to, [B]
         length = max(need)
         q = key_states.shape[2]
         shape = (key_states.shape[0], key_states.shape[1], length, key_states.shape[3])
         outs = []
-        for r, cache in enumerate(b.caches):
-            first = q - b.new[r]
+        for r, cache in enumerate(self.caches):
+            first = q - self.new[r]
             k, v = cache.layers[self.index].update(key_states[r : r + 1, :, first:], value_states[r : r + 1, :, first:],
                                                    *args, **kwargs)
             if k.shape[2] < need[r]:
@@ -83,7 +87,7 @@ class BatchedCache(Cache):
             "full_attention": [p + q for p, q in zip(self.seen, self.new)],
             "sliding_attention": [min(p, w - 1) + q if w else p + q for p, q in zip(self.seen, self.new)],
         }
-        super().__init__(layers=[_RowsLayer(self, i) for i in range(len(self.kinds))])
+        super().__init__(layers=[_RowsLayer(self.caches, self.new, self.need[kind], i) for i, kind in enumerate(self.kinds)])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.seen)
