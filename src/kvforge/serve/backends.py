@@ -34,7 +34,19 @@ def block_hashes(token_ids: list[int], block: int, upto: int | None = None, seed
 
 
 # ------------------------------------------------------------------------------------------ backends
-class MemoryBackend:
+class _HitCounts:
+    """Hit counts kept in this process (the memory and directory backends; Redis keeps its own)."""
+
+    _hits: dict[str, int]
+
+    def hit(self, key: str) -> None:
+        self._hits[key] = self._hits.get(key, 0) + 1
+
+    def hits(self, key: str) -> int:
+        return self._hits.get(key, 0)
+
+
+class MemoryBackend(_HitCounts):
     """Entries in this process: the ``KVState`` objects themselves (they were checked when made)."""
 
     name = "memory"
@@ -86,17 +98,11 @@ class MemoryBackend:
     def set_pinned(self, key: str, on: bool) -> None:
         (self._pinned.add if on else self._pinned.discard)(key)
 
-    def hit(self, key: str) -> None:
-        self._hits[key] = self._hits.get(key, 0) + 1
-
-    def hits(self, key: str) -> int:
-        return self._hits.get(key, 0)
-
     def __len__(self) -> int:
         return len(self._entries)
 
 
-class DirectoryBackend:
+class DirectoryBackend(_HitCounts):
     """One ``<key>.kv`` file per entry (``KVState.save``); LRU order by modification time."""
 
     name = "directory"
@@ -169,12 +175,6 @@ class DirectoryBackend:
         tmp = self.root / "pinned.json.tmp"
         tmp.write_text(json.dumps(sorted(self._pinned)))
         tmp.replace(self.root / "pinned.json")
-
-    def hit(self, key: str) -> None:
-        self._hits[key] = self._hits.get(key, 0) + 1
-
-    def hits(self, key: str) -> int:
-        return self._hits.get(key, 0)
 
     def __len__(self) -> int:
         return len(self._sizes)
