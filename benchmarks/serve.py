@@ -9,6 +9,9 @@ clients (``/v1/completions``, greedy, ``max_tokens`` new tokens each):
   than the prefix store's minimum, so the store plays no part here;
 * prefix reuse: TTFT of a request whose ``--prefix-tokens``-token prefix is in the store (a second question
   about the same document) against a miss (a document not seen before), median of ``--prefix-trials``;
+* pinned prefixes after a restart (directory and Redis stores): TTFT of a prefix pinned through
+  ``POST /v1/kv/prefixes`` under one ``cache_salt``, after the server restarts, against the same prefix under
+  another salt (a miss: salts never share) and a document never stored;
 * soak (every spec, ``--soak-seconds`` each, 0 skips): 16 clients send requests back to back against a
   server with ``--max-kv-bytes``; requests sent, completed, failed, the server's peak KV bytes held, and
   its RSS sampled every 10 s (tabled, and plotted in ``soak_rss.png``): growth is counted after
@@ -31,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,13 +95,16 @@ class Server:
 
 
 # ------------------------------------------------------------------------------------------ clients
-async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streaming completion: TTFT, per-token latency, tokens, or the error."""
+async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                     salt: str | None = None) -> dict:
+    """One streaming completion: TTFT, per-token latency, tokens, cached prompt tokens, or the error."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if salt is not None:
+        body["cache_salt"] = salt
     t0 = time.perf_counter()
     first = last = None
-    tokens, done = 0, False
+    tokens, cached, done = 0, 0, False
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -112,6 +119,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                 if chunk.get("choices") and chunk["choices"][0]["text"]:
                     now = time.perf_counter()
                     first = first or now
@@ -121,7 +129,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
     if not done or first is None:
         return {"ok": False, "status": 200, "error": "the stream ended without [DONE] or text"}
     per_token = (last - first) / (tokens - 1) if tokens > 1 else 0.0
-    return {"ok": True, "ttft": first - t0, "per_token": per_token, "tokens": tokens, "seconds": last - t0}
+    return {"ok": True, "ttft": first - t0, "per_token": per_token, "tokens": tokens, "seconds": last - t0,
+            "cached_tokens": cached}
 
 
 async def run_load(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -166,6 +175,72 @@ async def prefix_ttft(url: str, model: str, docs: list[str], max_tokens: int = 4
             r = await stream_one(client, url, model, doc + "\n\nQuestion: which names appear?\nAnswer:", max_tokens)
             hit.append(r["ttft"])
     return {"miss_ttft": statistics.median(miss), "hit_ttft": statistics.median(hit), "miss_all": miss, "hit_all": hit}
+
+
+def pinned_after_restart(model: str, spec: str, store: str, docs: list[str], fresh: list[str], extra: list[str],
+                         max_tokens: int = 4) -> dict:
+    """TTFT of a pinned prefix after a server restart (``store``: a directory or redis://), against a miss (a
+    document never stored) and against the same document under another ``cache_salt`` (must be a miss too).
+
+    The prefixes are stored and pinned through ``POST /v1/kv/prefixes`` under salt ``tenant-a``; the server is
+    stopped and a new one started on the same store before any request is timed."""
+    question = "\n\nQuestion: which names appear?\nAnswer:"
+    server = Server(model, spec, "--kv-store", store, *extra)
+    try:
+        for doc in docs:
+            r = httpx.post(server.url + "/v1/kv/prefixes", json={"model": model, "prompt": doc, "cache_salt": "tenant-a"},
+                           timeout=600)
+            if r.status_code != 200:
+                raise RuntimeError(f"POST /v1/kv/prefixes: {r.status_code} {r.text[:300]}")
+    finally:
+        server.stop()
+    server = Server(model, spec, "--kv-store", store, *extra)
+    out: dict[str, list] = {"hit": [], "other_salt": [], "miss": []}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=600) as client:
+            await stream_one(client, server.url, model, fresh[-1][:200], 2, salt="warm-up")
+            for doc, new in zip(docs, fresh):
+                for kind, prompt, salt in (("hit", doc, "tenant-a"), ("other_salt", doc, "tenant-b"),
+                                           ("miss", new, "tenant-a")):
+                    r = await stream_one(client, server.url, model, prompt + question, max_tokens, salt=salt)
+                    if not r["ok"]:
+                        raise RuntimeError(f"{kind} request failed: {r}")
+                    out[kind].append((r["ttft"], r["cached_tokens"]))
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
+    res = {"store": store.split(":")[0] if store.startswith("redis") else "directory"}
+    for kind, rows in out.items():
+        res[f"{kind}_ttft"] = statistics.median(t for t, _ in rows)
+        res[f"{kind}_cached_tokens"] = statistics.median(c for _, c in rows)
+    return res
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free port of 127.0.0.1, no persistence."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.1)
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
 
 
 async def soak(server: Server, model: str, prompts: list[str], clients: int, seconds: float, max_tokens: int,
@@ -270,10 +345,11 @@ def main(argv=None) -> int:
     text = load_text("pydoc", "eval")
     prompts = make_prompts(tok, text, args.requests, args.prompt_tokens)
     docs = make_prompts(tok, text, args.prefix_trials, args.prefix_tokens, offset=len(text) // 3)
+    fresh = make_prompts(tok, text, args.prefix_trials, args.prefix_tokens, offset=2 * len(text) // 3)
     levels = [int(c) for c in args.concurrency.split(",")]
     specs = split_specs(args.caches)
     budget = _bytes(args.max_kv_bytes)
-    result = {"model": args.model, "runs": {}, "prefix": {}, "soak": None}
+    result = {"model": args.model, "runs": {}, "prefix": {}, "pinned": {}, "soak": None}
 
     for spec in specs:
         print(f"== {spec}", flush=True)
@@ -295,6 +371,20 @@ def main(argv=None) -> int:
                   f"({100 * p['hit_ttft'] / p['miss_ttft']:.0f}%)", flush=True)
         finally:
             server.stop()
+        if args.prefix_trials > 0:
+            result["pinned"][spec] = []
+            redis = RedisServer()
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    for store in (folder, redis.url):
+                        q = pinned_after_restart(args.model, spec, store, docs, fresh, threads)
+                        result["pinned"][spec].append(q)
+                        print(f"  pinned {args.prefix_tokens} tokens after a restart ({q['store']}): hit TTFT "
+                              f"{q['hit_ttft']:.3f}s ({q['hit_cached_tokens']:.0f} cached), other salt "
+                              f"{q['other_salt_ttft']:.3f}s ({q['other_salt_cached_tokens']:.0f} cached), miss "
+                              f"{q['miss_ttft']:.3f}s", flush=True)
+            finally:
+                redis.stop()
 
     result["soak"] = []
     for spec in specs if args.soak_seconds > 0 else []:
@@ -351,6 +441,18 @@ def render(r: dict, meta: dict) -> str:
         for spec, p in r["prefix"].items():
             lines.append(f"| {spec} | {p['miss_ttft']:.3f} s | {p['hit_ttft']:.3f} s | "
                          f"{100 * p['hit_ttft'] / p['miss_ttft']:.1f}% |")
+    if r.get("pinned"):
+        lines += ["", f"A {s['prefix_tokens']}-token prefix stored and pinned through `POST /v1/kv/prefixes` (salt "
+                  "`tenant-a`), then the server restarted on the same store; time to first token (median of "
+                  f"{s['prefix_trials']}) and prompt tokens reported as cached:", "",
+                  "| cache | store | pinned hit, same salt | same prefix, another salt | miss (never stored) | hit / miss |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for spec, rows in r["pinned"].items():
+            for q in rows:
+                lines.append(f"| {spec} | {q['store']} | {q['hit_ttft']:.3f} s ({q['hit_cached_tokens']:.0f} cached) | "
+                             f"{q['other_salt_ttft']:.3f} s ({q['other_salt_cached_tokens']:.0f} cached) | "
+                             f"{q['miss_ttft']:.3f} s ({q['miss_cached_tokens']:.0f} cached) | "
+                             f"{100 * q['hit_ttft'] / q['miss_ttft']:.1f}% |")
     for k in r["soak"] or []:
         after = [x for x in k["rss_samples"] if x[0] >= k["warmup"]]
         lines += ["", f"Soak: {k['clients']} clients for {k['seconds']:.0f} s, {k['spec']}, --max-kv-bytes "
