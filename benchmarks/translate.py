@@ -2,9 +2,12 @@
 
 Fits a ridge translator source -> target on pieces of the calibration split, then on held-out pieces of
 the eval split scores the target's perplexity on a continuation given: its own prefill of the context
-(upper bound), the translated source cache (the target never reads the context), another piece's
-translated context (control), and no context (lower bound). "Gap recovered" =
-(PPL_none - PPL_x) / (PPL_none - PPL_own). Also times source prefill + translation vs target prefill.
+(upper bound), the translated source cache (the target never reads the context), the translation with
+each ``--recompute`` share of its tokens re-read by the target, another piece's translated context
+(control), and no context (lower bound). "Gap recovered" = (PPL_none - PPL_x) / (PPL_none - PPL_own).
+Passage QA (``kvforge.eval.qa``, exact match) for the same conditions. Times source prefill + translation
+vs target prefill, and translation (+ recomputation) as a share of the target's own prefill at
+``--time-lengths``; the file size next to source-only maps of the same pair.
 
     python benchmarks/translate.py                                      # smollm2-135m -> gemma3-270m
     python benchmarks/translate.py --source gemma3-270m --target smollm2-135m
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from kvforge import load_model, run  # noqa: E402
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
-from kvforge.translate import Translator, fit  # noqa: E402
+from kvforge.translate import Translator, TranslatorConfig, calibration_texts, fit  # noqa: E402
 from kvforge.translate.evaluate import continuation_token_nll, prefill_state  # noqa: E402
 from kvforge.translate.registry import weights_path  # noqa: E402
 
@@ -70,6 +74,51 @@ def open_question_states(tr, src, s_tok, tgt, t_tok, ctx: str, own, translated) 
     return out
 
 
+def source_only_twin(tr: Translator) -> Translator:
+    """A translator of ``tr``'s pair and layer map with source-only maps (format 1's shapes: no window, no
+    token-local features), random weights: its translation time and file size are those of the earlier maps."""
+    from dataclasses import asdict
+
+    cfg = TranslatorConfig(**{**asdict(tr.config), "window": 1, "window_rank": 0, "token_rank": 0, "neighbours": 0})
+    return Translator(cfg)
+
+
+def file_mib(tr: Translator) -> float:
+    """Size of ``tr`` saved as shipped (float16), MiB."""
+    with tempfile.TemporaryDirectory() as d:
+        tr.save(Path(d) / "t.safetensors", dtype=torch.float16)
+        return os.path.getsize(Path(d) / "t.safetensors") / 2**20
+
+
+@torch.inference_mode()
+def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, lengths=(256, 1024, 4096)) -> list[dict]:
+    """Translation (+ recomputation of each share of the tokens) against the target's own prefill of the same
+    text, best of 2, at each context length in target tokens."""
+    rows = []
+    for n in lengths:
+        ids = t_tok(text, return_tensors="pt").input_ids[0][:n]
+        piece = t_tok.decode(ids, skip_special_tokens=True)
+        st = prefill_state(src, s_tok(piece, return_tensors="pt").input_ids[0])
+        t_ids = t_tok(piece, return_tensors="pt").input_ids[0]
+        row = {"target_tokens": len(t_ids), "target_prefill": float("inf"), "source_only_maps": float("inf")}
+        for _ in range(2):
+            t = time.perf_counter()
+            prefill_state(tgt, t_ids)
+            row["target_prefill"] = min(row["target_prefill"], time.perf_counter() - t)
+            t = time.perf_counter()
+            twin.translate(st, piece, src, tgt, s_tok, t_tok)
+            row["source_only_maps"] = min(row["source_only_maps"], time.perf_counter() - t)
+            for f in fractions:
+                t = time.perf_counter()
+                tr.translate(st, piece, src, tgt, s_tok, t_tok, recompute=f)
+                row[f"translate+{f:g}"] = min(row.get(f"translate+{f:g}", float("inf")), time.perf_counter() - t)
+        rows.append(row)
+        print(f"time at {len(t_ids)} tokens: target prefill {row['target_prefill']:.2f}s, "
+              + ", ".join(f"{k} {v / row['target_prefill']:.0%}" for k, v in row.items() if k.startswith("translate")),
+              flush=True)
+    return rows
+
+
 @torch.inference_mode()
 def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> list[dict]:
     """Time to the target's first token: source prefill + translation + one target step, vs target prefill."""
@@ -100,19 +149,22 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
     return rows
 
 
-def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int) -> dict:
-    """Exact match on the passage QA set: the target answers from each kind of past."""
+def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
+    """Exact match on the passage QA set: the target answers from each kind of past (the translation with
+    each share of recomputed tokens)."""
     from kvforge import prefill
     from kvforge.eval.qa import qa_exact_match, qa_set
 
     items = qa_set(n)
 
-    def translated(item, with_tr=tr, own=False):
+    def translated(item, with_tr=tr, own=False, recompute=0.0):
         st = prefill(src, s_tok, item.context)
         return with_tr.translate(st, item.context, src, tgt, s_tok, t_tok,
-                                 own=prefill(tgt, t_tok, item.context) if own else None)
+                                 own=prefill(tgt, t_tok, item.context) if own else None, recompute=recompute)
 
-    conds = {"own prefill": lambda it: prefill(tgt, t_tok, it.context), "translated (replace)": translated}
+    conds = {"own prefill": lambda it: prefill(tgt, t_tok, it.context)}
+    for f in fractions:
+        conds[recompute_name(f)] = (lambda it, f=f: translated(it, recompute=f))
     if fuse is not None:
         conds["fused"] = lambda it: translated(it, fuse, own=True)
     conds["control: another passage translated"] = lambda it: translated(items[(items.index(it) + 1) % len(items)])
@@ -127,6 +179,10 @@ def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int) -> dict:
     out["source model, own prefill"] = {"exact_match": src_own.exact_match, "correct": src_own.correct,
                                         "total": src_own.total, "per_kind": src_own.per_kind(items)}
     return out
+
+
+def recompute_name(f: float) -> str:
+    return "translated (replace)" if not f else f"translated, {100 * f:g}% recomputed"
 
 
 def main(argv=None) -> int:
@@ -148,6 +204,9 @@ def main(argv=None) -> int:
                     help="use the shipped translators of the pair (replace, and fuse where one ships)")
     ap.add_argument("--fuse", type=Path, help="a fuse-mode translator (`translate train --mode fuse`) to measure too")
     ap.add_argument("--qa-items", type=int, default=40, help="passage QA items (0: skip QA)")
+    ap.add_argument("--recompute", default="0,0.05,0.1,0.25",
+                    help="shares of the context's tokens the target recomputes over the translation (comma-separated)")
+    ap.add_argument("--time-lengths", default="256,1024,4096", help="context lengths (target tokens) timed")
     ap.add_argument("--no-open-questions", action="store_true", help="skip layer subsets, mixing, smallest cache")
     ap.add_argument("--save", type=Path, help="save the fitted translator here")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -170,7 +229,7 @@ def main(argv=None) -> int:
         tr = Translator.load(args.translator)
         tr.check_pair(src, tgt)
     else:
-        texts = pieces(load_text("pydoc", "calibration"), args.fit_pieces, args.piece_chars)
+        texts = calibration_texts(args.fit_pieces, args.piece_chars)
         tr = fit(src, tgt, s_tok, t_tok, texts, strategy=args.strategy, k=args.k, ridge=args.ridge,
                  source_name=args.source, target_name=args.target, sliding_sources=args.sliding_sources)
         if args.save:
@@ -182,7 +241,9 @@ def main(argv=None) -> int:
         fuse.check_pair(src, tgt)
     ev = load_text("pydoc", "eval")
     ctxs = pieces(ev, args.eval_pieces, args.context_chars)
-    conds = {"own": [0.0, 0], "translated": [0.0, 0], **({"fused": [0.0, 0], "fused control": [0.0, 0]} if fuse else {}),
+    fractions = [float(f) for f in args.recompute.split(",")]
+    extra = [f for f in fractions if f]
+    conds = {"own": [0.0, 0], "translated": [0.0, 0], **{recompute_name(f): [0.0, 0] for f in extra}, **({"fused": [0.0, 0], "fused control": [0.0, 0]} if fuse else {}),
              "control": [0.0, 0], "none": [0.0, 0]}
     opens = {} if args.no_open_questions else {k: [0.0, 0] for k in OPEN}
     times = {"source_prefill": 0.0, "translate": 0.0, "target_prefill": 0.0}
@@ -210,6 +271,8 @@ def main(argv=None) -> int:
         last = t_ids[-1]
         states = {"own": own, "translated": translated[: len(t_ids) - 1], "control": control[: control.num_tokens - 1],
                   "none": none_state}
+        for f in extra:
+            states[recompute_name(f)] = tr.translate(s_state, ctx, src, tgt, s_tok, t_tok, recompute=f)[: len(t_ids) - 1]
         if fuse is not None:
             own_full = prefill_state(tgt, t_ids)
             states["fused"] = fuse.translate(s_state, ctx, src, tgt, s_tok, t_tok, own=own_full)[: len(t_ids) - 1]
@@ -240,9 +303,13 @@ def main(argv=None) -> int:
     bucket_gap = [(bucket_ppl["none"][b] - bucket_ppl["translated"][b]) / (bucket_ppl["none"][b] - bucket_ppl["own"][b])
                   for b in range(len(BUCKETS))]
     speed = ttft(src, s_tok, tgt, t_tok, tr, ev[200_000:])
+    twin = source_only_twin(tr)
+    lengths = [int(x) for x in args.time_lengths.split(",")]
+    rtimes = recompute_times(src, s_tok, tgt, t_tok, tr, twin, ev[200_000:], fractions, lengths)
+    sizes = {"this translator": file_mib(tr), "source-only maps (format 1 shapes)": file_mib(twin)}
     gap = {k: (ppl["none"] - ppl[k]) / (ppl["none"] - ppl["own"]) for k in conds if k not in ("own", "none")}
     open_ppl = {k: math.exp(a / n) for k, (a, n) in opens.items()}
-    qa_res = qa(src, s_tok, tgt, t_tok, tr, fuse, args.qa_items) if args.qa_items else {}
+    qa_res = qa(src, s_tok, tgt, t_tok, tr, fuse, args.qa_items, fractions) if args.qa_items else {}
     lines = [
         f"# KV translation {args.source} -> {args.target} (replace mode, ridge fit"
         + (f" + {tr.config.trained_steps} KL-distillation steps" if tr.config.trained_steps else "")
@@ -257,6 +324,8 @@ def main(argv=None) -> int:
         "|---|---|---|",
         f"| own prefill (upper bound) | {ppl['own']:.3f} | 100% |",
         f"| translated source cache | {ppl['translated']:.3f} | {100 * gap['translated']:.0f}% |",
+        *[f"| translated, {100 * f:g}% of the tokens recomputed by the target | {ppl[recompute_name(f)]:.3f} | "
+          f"{100 * gap[recompute_name(f)]:.0f}% |" for f in extra],
         *([f"| fused into own prefill (fuse mode) | {ppl['fused']:.3f} | {100 * gap['fused']:.0f}% |",
            f"| control: fused with another context's translation | {ppl['fused control']:.3f} | "
            f"{100 * gap['fused control']:.0f}% |"] if fuse else []),
@@ -282,6 +351,15 @@ def main(argv=None) -> int:
           f"{100 * r['translate'] / r['source_prefill']:.1f}% | "
           f"{(r['source_prefill'] + r['translate'] + r['target_step']) / r['target_prefill']:.2f}x |" for r in speed],
     ]
+    lines += ["", "Translation (+ recomputation) time as a share of the target's own prefill of the same context "
+              "(best of 2; the source's prefill is not counted: the source has already read the context):", "",
+              "| target tokens | target prefill | source-only maps | " + " | ".join(
+                  "translation" if not f else f"+ {100 * f:g}% recomputed" for f in fractions) + " |",
+              "|---|---|---|" + "---|" * len(fractions),
+              *[f"| {r['target_tokens']} | {r['target_prefill']:.2f}s | {r['source_only_maps'] / r['target_prefill']:.1%} | "
+                + " | ".join(f"{r[f'translate+{f:g}'] / r['target_prefill']:.1%}" for f in fractions) + " |"
+                for r in rtimes],
+              "", "File size (float16, as shipped): " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) + "."]
     if qa_res:
         lines += ["", f"Passage QA ({args.qa_items} invented facts, exact match; the target answers "
                   "`Question: ...\\nAnswer:` after the passage):", "",
@@ -296,7 +374,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     record.write_table(text, ppl=ppl, gap=gap, qa=qa_res, open_questions=open_ppl, times=times, buckets=bucket_ppl,
-                    bucket_gap=bucket_gap, ttft=speed, config=tr.config.__dict__, fit_seconds=fit_s)
+                    bucket_gap=bucket_gap, ttft=speed, config=tr.config.__dict__, fit_seconds=fit_s,
+                    recompute_times=rtimes, file_mib=sizes)
     record.announce()
     return 0
 

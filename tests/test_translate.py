@@ -182,7 +182,7 @@ def _tiny_train_config(**kw):
     from kvforge.translate.train import TrainConfig
 
     base = dict(steps=6, batch=1, lr=3e-3, train_examples=4, val_examples=2, context_chars=60, continuation_tokens=8,
-                eval_every=3, checkpoint_every=3, top_k=16)
+                eval_every=3, checkpoint_every=3, top_k=16, fact_examples=2, fact_val_examples=1)
     return TrainConfig(**{**base, **kw})
 
 
@@ -244,7 +244,7 @@ def test_fuse_gate_spans_own_and_translated_and_trains(tiny_llama, tiny_gemma):
             tr.gate.fill_(-3.0)
         before = tr.gate.detach().clone()
         text = " ".join([CONTEXT] * 12)
-        train(tr, src, tgt, tok, tok, _tiny_train_config(mode="fuse", steps=2), text, text[::-1],
+        train(tr, src, tgt, tok, tok, _tiny_train_config(mode="fuse", steps=2, keep_best=False), text, text[::-1],
               show_progress=False, log=lambda *_: None)
     for lo, hi, o, t in zip(low.layers, high.layers, own.layers, translated.layers):
         assert torch.allclose(lo.keys, o.keys) and torch.allclose(lo.values, o.values)

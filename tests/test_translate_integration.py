@@ -71,3 +71,24 @@ def test_shipped_fuse_translator_beats_the_target_alone(smollm, real_gemma):
         for name, state in (("fused", fused), ("own", own)):
             nll[name] += continuation_nll(tgt, state[: len(t_ids) - 1], t_ids[-1], cont)[0]
     assert nll["fused"] < nll["own"]
+
+
+def test_shipped_translator_carries_facts_and_recomputation_repairs_more(smollm, real_gemma):
+    """Token-conditioned replace: Gemma answers invented facts from SmolLM2's translated cache without reading
+    the passage; recomputing a quarter of the tokens answers more; another passage's translation does not."""
+    from kvforge.eval.qa import qa_exact_match, qa_set
+    from kvforge.generate import prefill
+
+    (src, s_tok), (tgt, t_tok) = smollm, real_gemma
+    tr = load("smollm2-135m", "gemma3-270m", src, tgt)
+    assert tr.config.token_conditioned and tr.config.window > 1
+    items = qa_set(16, seed=7)
+
+    def translated(item, recompute=0.0, other=None):
+        ctx = (other or item).context
+        return tr.translate(prefill(src, s_tok, ctx), ctx, src, tgt, s_tok, t_tok, recompute=recompute)
+
+    plain = qa_exact_match(tgt, t_tok, items, translated).correct
+    repaired = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, 0.25)).correct
+    control = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, other=items[(items.index(it) + 1) % 16]))
+    assert plain >= 1 and repaired > plain and control.correct <= 1  # benchmark, 40 items: 6, 14 and 0

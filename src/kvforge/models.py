@@ -217,6 +217,15 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; known: {', '.join(_DTYPES)}") from None
 
 
+def inner_module(model, name: str):
+    """The decoder's submodule ``name`` (``model.model.<name>``, e.g. ``layers`` or ``rotary_emb``); raises
+    ``ValueError`` naming it when the model has none."""
+    found = getattr(getattr(model, "model", model), name, None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no model.model.{name}")
+    return found
+
+
 def text_config(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
     return config.get_text_config(decoder=True)

@@ -21,11 +21,9 @@ import torch
 
 def rotary_module(model):
     """The model's rotary embedding module (``model.model.rotary_emb``); ``ValueError`` if it has none."""
-    base = getattr(model, "model", model)
-    rot = getattr(base, "rotary_emb", None)
-    if rot is None:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module (model.model.rotary_emb)")
-    return rot
+    from .models import inner_module
+
+    return inner_module(model, "rotary_emb")
 
 
 def rotary_cos_sin(rotary, positions: torch.Tensor, layer_type: str | None = None,

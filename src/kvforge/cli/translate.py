@@ -1,10 +1,11 @@
-"""``kvforge translate fit|run``: cross-model KV translation."""
+"""``kvforge translate fit|train|run``: cross-model KV translation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..translate.modes import MODES
+from ..translate.recompute import SELECT
 from ..translate.train import TrainConfig
 
 
@@ -20,6 +21,12 @@ def add_commands(sub) -> None:
     p.add_argument("--strategy", default="nearest", help="layer map: nearest, terminal, uniform, all")
     p.add_argument("--k", type=int, default=3, help="source layers per target layer for 'nearest'")
     p.add_argument("--ridge", type=float, default=1e-2)
+    p.add_argument("--fact-passages", type=int, help="calibration passages with planted facts (default: --pieces)")
+    p.add_argument("--window", type=int, default=3, help="source tokens per target token (default 3)")
+    p.add_argument("--window-rank", type=int, default=32, help="components kept per older window slot (default 32)")
+    p.add_argument("--neighbours", type=int, default=1, help="previous target tokens in the token features (default 1)")
+    p.add_argument("--token-rank", type=int, default=192,
+                   help="components of the target's token-local features (default 192; 0: source-only maps)")
     p.add_argument("-o", "--output", type=Path, required=True, help="translator file (.safetensors)")
     p.set_defaults(func=cmd_fit)
 
@@ -36,6 +43,11 @@ def add_commands(sub) -> None:
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--train-examples", type=int, default=TrainConfig.train_examples)
     p.add_argument("--val-examples", type=int, default=TrainConfig.val_examples)
+    p.add_argument("--fact-examples", type=int, default=TrainConfig.fact_examples,
+                   help=f"passages with planted facts besides the general text (default {TrainConfig.fact_examples})")
+    p.add_argument("--fact-val-examples", type=int, default=TrainConfig.fact_val_examples)
+    p.add_argument("--answer-weight", type=float, default=TrainConfig.answer_weight,
+                   help=f"loss weight of answer tokens in fact passages (default {TrainConfig.answer_weight:g})")
     p.add_argument("--context-chars", type=int, default=TrainConfig.context_chars)
     p.add_argument("--continuation-tokens", type=int, default=TrainConfig.continuation_tokens)
     p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="teacher probabilities kept per token")
@@ -56,19 +68,23 @@ def add_commands(sub) -> None:
     p.add_argument("--context", type=Path, required=True, help="text file the source reads")
     p.add_argument("--prompt", required=True, help="what the target continues with after the context")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--recompute", type=float, default=0.0,
+                   help="share of the context's tokens the target re-reads over the translation (0 to 1, default 0)")
+    p.add_argument("--select", choices=SELECT, default="trust",
+                   help="which tokens --recompute re-reads: trust (least trusted by the translator), last")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_fit(args) -> int:
     from ..models import load_model
-    from ..texts import load_text, text_pieces
-    from ..translate import fit
+    from ..translate import calibration_texts, fit
 
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
-    texts = text_pieces(load_text("pydoc", "calibration"), args.pieces, args.piece_chars)
+    texts = calibration_texts(args.pieces, args.piece_chars, args.fact_passages)
     tr = fit(src, tgt, s_tok, t_tok, texts, strategy=args.strategy, k=args.k, ridge=args.ridge,
-             source_name=args.source, target_name=args.target)
+             source_name=args.source, target_name=args.target, window=args.window, window_rank=args.window_rank,
+             neighbours=args.neighbours, token_rank=args.token_rank)
     tr.save(args.output)
     print(f"fitted {args.source} -> {args.target} on {tr.config.tokens_fitted:,} target tokens: {args.output}")
     return 0
@@ -78,14 +94,16 @@ def cmd_train(args) -> int:
     import torch
 
     from ..models import load_model
-    from ..texts import load_text, text_pieces
-    from ..translate import Translator, fit, load, shipped
+    from ..texts import load_text
+    from ..translate import Translator, calibration_texts, fit, load, shipped
     from ..translate.train import train, with_mode
 
     cfg = TrainConfig(mode=args.mode, steps=args.steps, lr=args.lr, gate_lr=args.gate_lr, batch=args.batch,
                       context_chars=args.context_chars, continuation_tokens=args.continuation_tokens,
                       top_k=args.top_k, ce_weight=args.ce_weight, kv_weight=args.kv_weight,
                       train_examples=args.train_examples, val_examples=args.val_examples,
+                      fact_examples=args.fact_examples, fact_val_examples=args.fact_val_examples,
+                      answer_weight=args.answer_weight,
                       eval_every=args.eval_every, checkpoint_every=args.eval_every, keep_best=not args.last)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
@@ -99,8 +117,7 @@ def cmd_train(args) -> int:
         print(f"starting from the shipped {args.source} -> {args.target} translator")
     else:
         print("no translator to start from: fitting one (ridge) first")
-        texts = text_pieces(load_text("pydoc", "calibration"), 96, 1400)
-        tr = fit(src, tgt, s_tok, t_tok, texts, k=2, source_name=args.source, target_name=args.target)
+        tr = fit(src, tgt, s_tok, t_tok, calibration_texts(), source_name=args.source, target_name=args.target)
     if tr.config.mode != args.mode:
         tr = with_mode(tr, args.mode)
     rep = train(tr, src, tgt, s_tok, t_tok, cfg, load_text("pydoc", "calibration"), load_text("pydoc", "eval"),
@@ -108,9 +125,12 @@ def cmd_train(args) -> int:
     tr.cpu().save(args.output, dtype=torch.float16)
     first = rep.history[0]
     last = next((h for h in rep.history if h["step"] == tr.config.trained_steps), rep.history[-1])
+    facts = (f"; fact passages: answer tokens right {100 * first['answer_acc']:.0f}% -> {100 * last['answer_acc']:.0f}%"
+             if "answer_acc" in first else "")
     print(f"trained {args.mode} {args.source} -> {args.target} for {rep.steps} steps ({rep.seconds:.0f}s): "
-          f"validation PPL {first['ppl']:.3f} -> {last['ppl']:.3f} (own prefill {rep.baseline['own']:.3f}, "
-          f"no context {rep.baseline['none']:.3f}), KL {first['kl']:.4f} -> {last['kl']:.4f}: {args.output}")
+          f"validation text PPL {first.get('ppl_text', first['ppl']):.3f} -> {last.get('ppl_text', last['ppl']):.3f} "
+          f"(own prefill {rep.baseline['own']:.3f}, no context {rep.baseline['none']:.3f}), KL {first['kl']:.4f} -> "
+          f"{last['kl']:.4f}{facts}: {args.output}")
     return 0
 
 
@@ -131,10 +151,11 @@ def cmd_run(args) -> int:
     state = prefill(src, s_tok, text)
     t_src = time.perf_counter() - t
     t = time.perf_counter()
-    translated = tr.translate(state, text, src, tgt, s_tok, t_tok)
+    translated = tr.translate(state, text, src, tgt, s_tok, t_tok, recompute=args.recompute, select=args.select)
     t_tr = time.perf_counter() - t
     out = generate(tgt, t_tok, args.prompt, max_new_tokens=args.max_new_tokens, state=translated)
     print(out.text)
+    redone = translated.meta.get("recomputed_tokens", 0)
     print(f"[source prefill {t_src:.2f}s, translation {t_tr:.2f}s, target read {out.forwarded_tokens} tokens "
-          f"of prompt and answer, none of the {translated.num_tokens}-token context]")
+          f"of prompt and answer and re-read {redone} of the {translated.num_tokens}-token context]")
     return 0

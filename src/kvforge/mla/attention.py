@@ -39,11 +39,9 @@ __all__ = ["METHODS", "REGISTRY", "LatentAttention", "LatentMethod", "attention_
 
 def attention_modules(model) -> list:
     """The attention module of every decoder layer (``model.model.layers[i].self_attn``), in layer order."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
-    return [layer.self_attn for layer in layers]
+    from ..models import inner_module
+
+    return [layer.self_attn for layer in inner_module(model, "layers")]
 
 
 class LatentAttention(nn.Module):

@@ -9,8 +9,11 @@ vocabulary, so the loss is an exact KL between those coarsened distributions.
 its own by a learned gate; trained by next-token loss on the true continuation (as C2C does), optionally
 mixed with the KL to the target's own distribution.
 
-Calibration text is the calibration split; validation text comes from the eval split, so they never
-overlap. Checkpoints hold the translator and the optimizer, and training resumes from them.
+Examples are general text (pieces of the calibration split) and, with ``fact_examples``, passages with
+planted invented facts (``.facts``) whose continuations ask about them: the loss on the answer tokens is
+weighted by ``answer_weight``, so the translation has to carry names and numbers, not only the topic.
+Validation holds out both kinds: eval-split text and fact passages from another seed. Checkpoints hold the
+translator and the optimizer, and training resumes from them exactly.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch.nn.functional as F
 
 from ..state import KVState
 from .evaluate import continuation_logits
+from .facts import answer_mask, fact_passages
 from .modes import TranslationMode, get_mode
-from .translator import Translator
+from .translator import Inputs, Translator
 
 
 @dataclass
@@ -46,6 +50,9 @@ class TrainConfig:
     kv_weight: float = 0.0  # optional regression of translated onto own keys/values (replace)
     train_examples: int = 128
     val_examples: int = 12
+    fact_examples: int = 128  # passages with planted facts (.facts) besides the general ones
+    fact_val_examples: int = 12
+    answer_weight: float = 4.0  # weight of an answer token's loss in a fact passage (others: 1)
     eval_every: int = 50
     checkpoint_every: int = 50
     keep_best: bool = True  # end with the weights of the best validation point (KL replace, PPL fuse)
@@ -65,6 +72,8 @@ class TrainConfig:
                      "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fact_examples < 0 or self.fact_val_examples < 0 or self.answer_weight <= 0:
+            raise ValueError("fact_examples and fact_val_examples must be >= 0 and answer_weight > 0")
 
     @property
     def translation_mode(self) -> TranslationMode:
@@ -78,19 +87,21 @@ class Example:
 
     context: str
     continuation: torch.Tensor  # target token ids
+    weights: torch.Tensor | None = None  # per continuation token (answer tokens weighted up); None: all 1
+    kind: str = "text"  # "text" or "facts"
 
 
 @dataclass
 class Prepared:
-    a: object  # Alignment
-    gathered: dict[int, torch.Tensor]
-    first: list | None
+    inputs: Inputs  # the translator's inputs (float16: halves what a set of examples holds)
     own: KVState  # the target's own state of the context minus its last token
     last: torch.Tensor
     cont: torch.Tensor
     top_idx: torch.Tensor  # [K, top_k] the teacher's most likely next tokens
     top_logp: torch.Tensor  # [K, top_k] their log-probabilities
     tail_logp: torch.Tensor  # [K] log of the rest of the teacher's probability
+    weights: torch.Tensor  # [K] loss weight per continuation token
+    kind: str = "text"
 
 
 @dataclass
@@ -129,16 +140,16 @@ def prepare(tr: Translator, ex: Example, source_model, target_model, source_toke
 
     s_ids = source_tokenizer(ex.context, return_tensors="pt").input_ids[0]
     t_ids = target_tokenizer(ex.context, return_tensors="pt").input_ids[0]
-    a, gathered, first = tr.prepare(prefill_state(source_model, s_ids), ex.context, source_model, target_model,
-                                    source_tokenizer, target_tokenizer)
-    gathered = {j: g.half() for j, g in gathered.items()}  # halves what a set of examples holds
-    first = None if first is None else [(k.clone(), v.clone()) for k, v in first]  # plain tensors, not inference
+    inputs = tr.prepare(prefill_state(source_model, s_ids), ex.context, source_model, target_model,
+                        source_tokenizer, target_tokenizer).to(torch.float16)  # plain tensors, not inference
     own = _plain(prefill_state(target_model, t_ids[:-1]))
     logits = continuation_logits(target_model, own, t_ids[-1], ex.continuation, check=False)
     logp = torch.log_softmax(logits.float() / temperature, -1)
     top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), -1)
     tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-6))
-    return Prepared(a, gathered, first, own, t_ids[-1], ex.continuation, top_idx.cpu(), top_logp.cpu(), tail.cpu())
+    weights = torch.ones(len(ex.continuation)) if ex.weights is None else ex.weights
+    return Prepared(inputs, own, t_ids[-1], ex.continuation, top_idx.cpu(), top_logp.cpu(), tail.cpu(), weights,
+                    ex.kind)
 
 
 def _plain(state: KVState) -> KVState:
@@ -154,8 +165,7 @@ def _plain(state: KVState) -> KVState:
 def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
     """The past the target continues from: the translation (replace) or its fusion into the target's own
     state (fuse), minus the context's last token."""
-    state = tr.build_state(tr.project(p.a, {j: g.float() for j, g in p.gathered.items()}, p.first), p.a,
-                           target_model)
+    state = tr.build_state(tr.project(p.inputs.to(torch.float32)), p.inputs.a, target_model)
     return tr.mode.combine(tr, p.own, state[: p.own.num_tokens])
 
 
@@ -169,9 +179,15 @@ def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[
     tail_q = torch.log1p(-top_q.exp().sum(-1).clamp(max=1 - 1e-6))
     p_top, p_tail = p.top_logp.exp().to(logq.device), p.tail_logp.exp().to(logq.device)
     kl = ((p_top * (p.top_logp.to(logq.device) - top_q)).sum(-1) + p_tail * (p.tail_logp.to(logq.device) - tail_q))
-    kl = kl.mean() * cfg.temperature ** 2
-    ce = F.cross_entropy(logits, p.cont.to(logits.device))
-    out = {"kl": kl, "ce": ce, "loss": (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce}
+    w = p.weights.to(kl.device)
+    kl = (kl * w).sum() / w.sum() * cfg.temperature ** 2
+    ce_all = F.cross_entropy(logits, p.cont.to(logits.device), reduction="none")
+    ce = (ce_all * w).sum() / w.sum()
+    out = {"kl": kl, "ce": ce, "loss": (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce, "nll": ce_all.detach()}
+    answer = w > 1
+    if answer.any():  # answer tokens the student gets right (greedy), as a share
+        out["answer_hits"] = (logits.argmax(-1) == p.cont.to(logits.device))[answer].float().sum().detach()
+        out["answer_tokens"] = answer.sum()
     if cfg.kv_weight and tr.mode.kv_regression:
         kv = sum(F.mse_loss(s.to_dense().tensors[n].float(), o.to_dense().tensors[n][:, :, -s.length:].float())
                  for s, o in zip(state.layers, p.own.layers) for n in ("keys", "values")) / (2 * len(state.layers))
@@ -182,15 +198,29 @@ def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[
 
 @torch.no_grad()
 def validate(tr: Translator, val: list[Prepared], target_model, cfg: TrainConfig) -> dict[str, float]:
-    """Mean KL to the teacher, and the target's perplexity on the continuations."""
-    kl = nll = 0.0
-    n = 0
+    """Mean KL to the teacher and the target's perplexity on the continuations, over all validation examples
+    and per kind (``kl_text``, ``ppl_facts``, ...), and the share of answer tokens the target gets right
+    greedily (``answer_acc``, fact passages)."""
+    sums: dict[str, list[float]] = {}
+    hits = answers = 0.0
     for p in val:
         d = losses(tr, p, target_model, cfg)
-        kl += d["kl"].item()
-        nll += d["ce"].item() * len(p.cont)
-        n += len(p.cont)
-    return {"kl": kl / len(val), "ppl": math.exp(nll / n)}
+        for key in ("all", p.kind):
+            s = sums.setdefault(key, [0.0, 0.0, 0, 0])
+            s[0] += d["kl"].item()
+            s[1] += d["nll"].sum().item()
+            s[2] += len(p.cont)
+            s[3] += 1
+        if "answer_hits" in d:
+            hits += d["answer_hits"].item()
+            answers += d["answer_tokens"].item()
+    out = {"kl": sums["all"][0] / sums["all"][3], "ppl": math.exp(sums["all"][1] / sums["all"][2])}
+    for kind, s in sums.items():
+        if kind != "all":
+            out[f"kl_{kind}"], out[f"ppl_{kind}"] = s[0] / s[3], math.exp(s[1] / s[2])
+    if answers:
+        out["answer_acc"] = hits / answers
+    return out
 
 
 @torch.no_grad()
@@ -201,12 +231,31 @@ def baselines(val: list[Prepared], target_model, bos: torch.Tensor) -> dict[str,
     out = {}
     for name in ("own", "none"):
         nll = n = 0
-        for p in val:
+        for p in (q for q in val if q.kind == "text"):
             st = p.own if name == "own" else (prefill_state(target_model, bos) if len(bos) else None)
             logits = continuation_logits(target_model, st, p.last, p.cont, check=False).float()
             nll += F.cross_entropy(logits, p.cont.to(logits.device), reduction="sum").item()
             n += len(p.cont)
         out[name] = math.exp(nll / n)
+    return out
+
+
+def fact_examples(n: int, seed: int, target_tokenizer, answer_weight: float) -> list[Example]:
+    """``n`` passages with planted facts (:func:`~kvforge.translate.facts.fact_passages`) as examples: the
+    continuation asks about each fact and answers it; answer tokens weigh ``answer_weight``."""
+    out = []
+    for f in fact_passages(n, seed=seed):
+        ids, mask = answer_mask(target_tokenizer, f.continuation, f.answers)
+        w = torch.where(torch.tensor(mask), torch.tensor(float(answer_weight)), torch.tensor(1.0))
+        out.append(Example(f.context, torch.tensor(ids), w, "facts"))
+    return out
+
+
+def describe(v: dict) -> str:
+    """One validation point as a log line."""
+    out = f"val KL {v['kl']:.4f}, PPL {v.get('ppl_text', v['ppl']):.3f}, gap recovered {100 * v['gap_recovered']:.1f}%"
+    if "kl_facts" in v:
+        out += f"; facts KL {v['kl_facts']:.4f}, answer tokens right {100 * v.get('answer_acc', 0):.0f}%"
     return out
 
 
@@ -255,6 +304,10 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
     ex_train = examples(train_text, cfg.train_examples, cfg.context_chars, cfg.continuation_tokens, target_tokenizer,
                         stride=cfg.context_chars // 2)  # overlapping contexts: more examples from the split
     ex_val = examples(val_text, cfg.val_examples, cfg.context_chars, cfg.continuation_tokens, target_tokenizer)
+    if cfg.fact_examples:  # seeds apart from each other and from fit's (FIT_FACT_SEED)
+        ex_train += fact_examples(cfg.fact_examples, 1000 + cfg.seed, target_tokenizer, cfg.answer_weight)
+    if cfg.fact_val_examples and cfg.fact_examples:
+        ex_val += fact_examples(cfg.fact_val_examples, 2000 + cfg.seed, target_tokenizer, cfg.answer_weight)
     args = (source_model, target_model, source_tokenizer, target_tokenizer, cfg.top_k, cfg.temperature)
     val = [prepare(tr, e, *args) for e in progress(ex_val, desc="prepare validation", disable=not show_progress)]
     data = [prepare(tr, e, *args) for e in progress(ex_train, desc="prepare training", disable=not show_progress)]
@@ -266,7 +319,7 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
 
     def record(at: int) -> dict:
         v = validate(tr, val, target_model, cfg)
-        v["gap_recovered"] = (base["none"] - v["ppl"]) / (base["none"] - base["own"])
+        v["gap_recovered"] = (base["none"] - v.get("ppl_text", v["ppl"])) / (base["none"] - base["own"])
         v["step"] = at
         history.append(v)
         if v[metric] <= best["value"]:
@@ -279,8 +332,7 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
 
     if not history:
         v = record(0)
-        log(f"step 0: val KL {v['kl']:.4f}, PPL {v['ppl']:.3f} (own {base['own']:.3f}, none {base['none']:.3f}, "
-            f"gap recovered {100 * v['gap_recovered']:.1f}%)")
+        log(f"step 0: {describe(v)} (text PPL own {base['own']:.3f}, none {base['none']:.3f})")
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(step):  # the same example order after a resume
         torch.randint(len(data), (cfg.batch,), generator=gen)
@@ -301,8 +353,7 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
         if step % cfg.eval_every == 0 or step == cfg.steps:
             tr.eval()
             v = record(step)
-            log(f"step {step}: train loss {total:.4f}, val KL {v['kl']:.4f}, PPL {v['ppl']:.3f}, "
-                f"gap recovered {100 * v['gap_recovered']:.1f}%")
+            log(f"step {step}: train loss {total:.4f}, {describe(v)}")
         if ckpt and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             ckpt.mkdir(parents=True, exist_ok=True)
             _atomic_save({"translator": tr.state_dict(), "optimizer": opt.state_dict(), "step": step,

@@ -1,7 +1,13 @@
-"""The translator: per target layer, a linear map from the aligned source tokens' un-rotated keys and
-values (of the mapped source layers) to the target's un-rotated keys and values.
+"""The translator: per target layer, a linear map to the target's un-rotated keys and values from the aligned
+source tokens' un-rotated keys and values (of the mapped source layers) and, in a token-conditioned
+translator, from a window of source tokens and the target's own token-local features (see ``.features``).
 
-``fit`` solves it in closed form (ridge regression on calibration text, both models frozen);
+A token-conditioned translator (``token_rank > 0``) writes the target's exact layer-0 keys and values (they
+are token-local) and keeps its layer-0 map as a *probe*: how far the source's features alone miss the exact
+layer 0 of a token scores how little the translation can be trusted there, which picks the tokens that
+selective recomputation (``.recompute``, ``recompute=`` below) lets the target re-read.
+
+``fit`` (``.fit``) solves the maps in closed form (ridge regression on calibration text, both models frozen);
 ``translate`` turns a source ``KVState`` into a target ``KVState`` that the target continues from.
 """
 
@@ -17,11 +23,13 @@ from safetensors.torch import load_file, save_file
 from ..artifacts import ArtifactError, check_version
 from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
-from .align import align
-from .layers import layer_map
+from .align import Alignment, align
+from .features import PCA, flat_kv, gather_slot, source_window, token_features, token_local
 from .modes import GATE_INIT, MODES, TranslationMode, gated_fuse, get_mode  # noqa: F401 - re-exported
 
-FORMAT = 1
+# 2: token-conditioned translators (window of source tokens, token-local target features, exact layer 0);
+# a version-1 file (source-only maps) is refused by name: its maps read other features
+FORMAT = 2
 
 
 class TranslatorMismatchError(ValueError):
@@ -45,7 +53,32 @@ class TranslatorConfig:
     sliding_sources: bool = False
     mode: str = "replace"  # a registered TranslationMode's name (see .modes): replace or fuse
     trained_steps: int = 0
+    window: int = 1  # source tokens per target token: the aligned one and window - 1 before it
+    window_rank: int = 0  # each older window slot reduced to this many principal components per source layer
+    neighbours: int = 0  # previous target tokens whose embeddings join the token-local features
+    token_rank: int = 0  # token-local features reduced to this many principal components (0: none)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def token_conditioned(self) -> bool:
+        return self.token_rank > 0
+
+
+@dataclass
+class Inputs:
+    """What :meth:`Translator.project` reads for one text (all computed without gradients)."""
+
+    a: Alignment
+    src: dict[int, torch.Tensor]  # source layer -> [Nt, S + (window - 1) * window_rank]
+    tok: torch.Tensor | None  # [Nt, token_rank] reduced token-local features
+    kv0: tuple[torch.Tensor, torch.Tensor] | None  # the target's exact layer-0 keys/values [H, Nt, D]
+    first: list | None  # the target's own first-token keys/values per layer (no special first token)
+
+    def to(self, dtype: torch.dtype) -> Inputs:
+        return Inputs(self.a, {j: g.to(dtype) for j, g in self.src.items()},
+                      None if self.tok is None else self.tok.to(dtype),
+                      None if self.kv0 is None else (self.kv0[0].clone(), self.kv0[1].clone()),
+                      None if self.first is None else [(k.clone(), v.clone()) for k, v in self.first])
 
 
 def _model_shape(model) -> list[int]:
@@ -72,16 +105,29 @@ def unrotated(state: KVState, model, layers: list[int] | None = None) -> dict[in
 
 
 class Translator(torch.nn.Module):
+    """Maps a source model's KV state of a text to a target model's (see the module docstring).
+
+    Shapes: source ``[layers_s, kv_heads_s, head_dim_s]``, target ``[layers_t, kv_heads_t, head_dim_t]``
+    (``config.source_shape`` / ``target_shape``); one ``Linear`` per target layer."""
+
     def __init__(self, config: TranslatorConfig):
         super().__init__()
         self.config = config
         _, sh, sd = config.source_shape
         _, th, td = config.target_shape
+        per_source = 2 * sh * sd + (config.window - 1) * config.window_rank
         self.maps = torch.nn.ModuleList(
-            torch.nn.Linear(len(src) * sh * sd * 2, th * td * 2) for src in config.layers)
+            torch.nn.Linear(len(src) * (2 * sh * sd if i == 0 and config.token_conditioned else per_source)
+                            + (config.token_rank if i > 0 else 0), th * td * 2)
+            for i, src in enumerate(config.layers))
         # the target's own keys/values of its first special token (e.g. <bos>) at position 0, per layer
         self.register_buffer("bos_k", torch.zeros(len(config.layers), th, td))
         self.register_buffer("bos_v", torch.zeros(len(config.layers), th, td))
+        if config.window > 1 and config.window_rank:
+            self.window_pca = torch.nn.ModuleDict(
+                {str(j): PCA(2 * sh * sd, config.window_rank) for j in sorted({j for ls in config.layers for j in ls})})
+        if config.token_conditioned:
+            self.token_pca = PCA(token_dim(config), config.token_rank)
         self._first_kv: dict[int, list] = {}  # target token id -> its own first-position keys/values per layer
         for name, param in get_mode(config.mode).extra_parameters(len(config.layers), th).items():
             setattr(self, name, param)  # e.g. fuse mode's gate
@@ -107,26 +153,39 @@ class Translator(torch.nn.Module):
     def gather(src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per source layer, ``[Nt, 2 * heads * head_dim]``: keys then values of the source token aligned
         with each target token (batch 1)."""
-        out = {}
+        return {j: w[:, 0] for j, w in source_window(src, index, 1).items()}
+
+    def source_features(self, src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor
+                        ) -> dict[int, torch.Tensor]:
+        """Per source layer, ``[Nt, S + (window - 1) * window_rank]``: the aligned token's keys and values, then
+        each older window slot reduced by that layer's principal components."""
         total = len_total(src)
-        idx = index.clamp_min(0)
+        out = {}
         for j, (k, v) in src.items():
-            n = k.shape[2]
-            off = idx - (total - n)  # sliding source layers hold only their last n tokens
-            if (off[index >= 0] < 0).any():
-                raise KVStateError(f"source layer {j} holds only its last {n} tokens; the alignment needs older ones")
-            off = off.clamp(0, n - 1)
-            kv = torch.stack([k[0][:, off], v[0][:, off]])  # [2, H, Nt, D]
-            out[j] = kv.permute(2, 0, 1, 3).reshape(len(index), -1)
+            flat = flat_kv(k, v)
+            parts = [gather_slot(flat, index, 0, total, j)]
+            if self.config.window > 1 and self.config.window_rank:  # reduce each source token once, then gather
+                red = self.window_pca[str(j)](flat)
+                parts += [gather_slot(red, index, s, total, j) for s in range(1, self.config.window)]
+            out[j] = torch.cat(parts, 1)
         return out
 
-    def features(self, gathered: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
-        """``[Nt, F]`` features of target ``layer``: its source layers' gathered keys and values."""
-        return torch.cat([gathered[j] for j in self.config.layers[layer]], dim=1)
+    def features(self, inputs: Inputs, layer: int) -> torch.Tensor:
+        """``[Nt, F]`` features of target ``layer``: its source layers' features, then (token-conditioned, layers
+        after 0) the reduced token-local features. Layer 0 of a token-conditioned translator (the probe) reads
+        only the aligned source tokens."""
+        _, sh, sd = self.config.source_shape
+        if layer == 0 and self.config.token_conditioned:
+            return torch.cat([inputs.src[j][:, : 2 * sh * sd] for j in self.config.layers[0]], dim=1)
+        parts = [inputs.src[j] for j in self.config.layers[layer]]
+        if self.config.token_conditioned:
+            parts.append(inputs.tok)
+        return torch.cat(parts, dim=1)
 
-    def prepare(self, state: KVState, text: str, source_model, target_model, source_tokenizer, target_tokenizer):
-        """Alignment, gathered source features and (when the target has no special first token) the
-        target's own first-token keys/values: everything :meth:`project` needs, computed without gradients."""
+    def prepare(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
+                target_tokenizer) -> Inputs:
+        """Alignment, source features, the target's token-local features and (when the target has no special
+        first token) its own first-token keys/values: everything :meth:`project` needs, without gradients."""
         from .evaluate import prefill_state
 
         self.check_pair(source_model, target_model)
@@ -136,7 +195,12 @@ class Translator(torch.nn.Module):
                                "tokenizer, special tokens included)")
         with torch.no_grad():
             src = unrotated(state, source_model, sorted({j for ls in self.config.layers for j in ls}))
-            gathered = self.gather(src, a.index)
+            feats = self.source_features(src, a.index)
+            tok = kv0 = None
+            if self.config.token_conditioned:
+                emb, k0, v0 = token_local(target_model, a.target_ids)
+                kv0 = (k0.cpu(), v0.cpu())
+                tok = self.token_pca(token_features(emb, k0, v0, self.config.neighbours).to(self.token_pca.mean.device))
             first = None
             if a.index[0] >= 0:
                 # no special first token: the target's first token is its attention sink, whose keys and values
@@ -150,20 +214,30 @@ class Translator(torch.nn.Module):
                     if len(self._first_kv) >= 4096:
                         self._first_kv.pop(next(iter(self._first_kv)))
                     self._first_kv[tid] = first
-        return a, gathered, first
+        return Inputs(a, feats, tok, kv0, first)
 
-    def project(self, a, gathered: dict[int, torch.Tensor], first) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _map(self, inputs: Inputs, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lin = self.maps[i]
+        n_t, (_, th, td) = len(inputs.a.target_ids), self.config.target_shape
+        y = lin(self.features(inputs, i).to(lin.weight))  # [Nt, 2*th*td]
+        k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
+        return k, v
+
+    def project(self, inputs: Inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per target layer, the un-rotated keys and values ``[heads, Nt, head_dim]`` (differentiable in the
         maps' weights)."""
-        n_t, (_, th, td) = len(a.target_ids), self.config.target_shape
+        a, first = inputs.a, inputs.first
+        n_t = len(a.target_ids)
         device = self.bos_k.device
         special = (a.index < 0)[None, :, None].to(device)
         head = torch.zeros(n_t, dtype=torch.bool, device=device)
         head[0] = first is not None
         out = []
-        for i, lin in enumerate(self.maps):
-            y = lin(self.features(gathered, i).to(lin.weight))  # [Nt, 2*th*td]
-            k, v = y.view(n_t, 2, th, td).permute(1, 2, 0, 3)  # [th, Nt, td] each
+        for i in range(len(self.maps)):
+            if i == 0 and inputs.kv0 is not None:  # exact: layer 0 is token-local
+                k, v = (t.to(device) for t in inputs.kv0)
+            else:
+                k, v = self._map(inputs, i)
             k = torch.where(special, self.bos_k[i][:, None], k)
             v = torch.where(special, self.bos_v[i][:, None], v)
             if first is not None:
@@ -171,6 +245,22 @@ class Translator(torch.nn.Module):
                 v = torch.where(head[None, :, None], first[i][1][:, None].to(v.dtype), v)
             out.append((k, v))
         return out
+
+    @torch.no_grad()
+    def trust_scores(self, inputs: Inputs) -> torch.Tensor:
+        """``[Nt]`` how badly the source's features alone miss each target token's exact layer-0 keys and
+        values (relative squared error of the layer-0 probe; higher = trust the translation less). Special
+        tokens and a computed first token score -inf (they are exact). Needs a token-conditioned translator."""
+        if inputs.kv0 is None:
+            raise ValueError("trust scores need a token-conditioned translator (token_rank > 0)")
+        k, v = self._map(inputs, 0)
+        k0, v0 = (t.to(k) for t in inputs.kv0)
+        err = ((k - k0) ** 2).sum((0, 2)) + ((v - v0) ** 2).sum((0, 2))
+        score = err / ((k0 ** 2).sum((0, 2)) + (v0 ** 2).sum((0, 2))).clamp_min(1e-6)
+        score = score.cpu().masked_fill(inputs.a.index < 0, float("-inf"))
+        if inputs.first is not None:
+            score[0] = float("-inf")
+        return score
 
     def build_state(self, kv: list[tuple[torch.Tensor, torch.Tensor]], a, target_model) -> KVState:
         """The target's KV state from :meth:`project`'s output: keys rotated at the target's positions."""
@@ -190,27 +280,45 @@ class Translator(torch.nn.Module):
                        num_model_layers=len(out), meta={"translated_from": self.config.source})
 
     def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
-                  target_tokenizer, own: KVState | None = None) -> KVState:
+                  target_tokenizer, own: KVState | None = None, recompute: float = 0.0,
+                  select: str = "trust") -> KVState:
         """The target's KV state for ``text``, from the source's ``state`` of the same text.
 
         A ``fuse`` translator mixes the result into ``own``, the target's own state of the same text
-        (required in that mode): ``own + gate * (translated - own)`` per layer and head."""
+        (required in that mode): ``own + gate * (translated - own)`` per layer and head.
+
+        ``recompute`` (0 to 1): after translation the target re-reads that share of the text's tokens,
+        attending to the translated cache, and writes its own keys/values over theirs (CacheBlend's repair;
+        see :func:`~kvforge.translate.recompute.recompute`). ``select`` picks them: ``trust`` (the tokens the
+        layer-0 probe trusts least; token-conditioned translators) or ``last`` (the last tokens)."""
         if self.config.identity:
             self.check_pair(source_model, target_model)
             return state
+        if not 0.0 <= recompute <= 1.0:
+            raise ValueError(f"recompute is a share of the tokens, 0 to 1; got {recompute}")
         mode = self.mode
         if mode.needs_own and own is None:
             raise ValueError(f"a {mode.name}-mode translator needs the target's own state of the text (own=...)")
-        out = self.translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
+        if recompute and mode.needs_own:
+            raise ValueError("recompute repairs a replace-mode translation; a fuse translator already has the "
+                             "target's own state")
+        with torch.no_grad():
+            inputs = self.prepare(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
+            out = self.build_state(self.project(inputs), inputs.a, target_model)
+        if recompute:
+            from .recompute import choose
+            from .recompute import recompute as redo
+
+            scores = self.trust_scores(inputs) if select == "trust" else None
+            out = redo(target_model, out, choose(inputs.a.index, recompute, select, scores))
         return mode.combine(self, own, out)
 
     @torch.no_grad()
     def translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
                    target_tokenizer) -> KVState:
         """The projected source state in the target's layout, before any fusion (what ``replace`` uses)."""
-        a, gathered, first = self.prepare(state, text, source_model, target_model, source_tokenizer,
-                                          target_tokenizer)
-        return self.build_state(self.project(a, gathered, first), a, target_model)
+        inputs = self.prepare(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
+        return self.build_state(self.project(inputs), inputs.a, target_model)
 
     def fuse(self, own: KVState, translated: KVState) -> KVState:
         """``own + sigmoid(gate) * (translated - own)`` per layer, for keys and values, per target head (both
@@ -238,9 +346,20 @@ class Translator(torch.nn.Module):
             raise ArtifactError(f"{path}: not a kvforge translator (no 'kvforge-translator' metadata)")
         info = json.loads(meta["kvforge-translator"])
         check_version(info.get("format"), FORMAT, str(path), "kvforge translator")
+        if info["format"] < FORMAT:
+            raise ArtifactError(f"{path}: a kvforge translator in format version {info['format']} (source-only maps); "
+                                f"this kvforge reads version {FORMAT} (token-conditioned maps): fit and train it "
+                                "again with `kvforge translate fit` / `kvforge translate train`")
         t = cls(TranslatorConfig(**info["config"]))
         t.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
         return t
+
+
+def token_dim(config: TranslatorConfig) -> int:
+    """Width of the raw token-local features: embeddings of the token and its neighbours, layer-0 keys and
+    values (the target's hidden size is stored in ``config.extra["target_hidden"]``)."""
+    _, th, td = config.target_shape
+    return (config.neighbours + 1) * int(config.extra["target_hidden"]) + 2 * th * td
 
 
 def len_total(src: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -256,62 +375,3 @@ def identity(model, name: str = "") -> Translator:
     fp = fingerprint(model)
     cfg = TranslatorConfig(name, name, fp, fp, shape, shape, [[i] for i in range(shape[0])], identity=True)
     return Translator(cfg)
-
-
-@torch.no_grad()
-def fit(source_model, target_model, source_tokenizer, target_tokenizer, texts: list[str], strategy: str = "nearest",
-        k: int = 3, ridge: float = 1e-2, source_name: str = "", target_name: str = "",
-        sliding_sources: bool = False, show_progress: bool = True) -> Translator:
-    """Closed-form ridge fit of every target layer's map on ``texts`` (both models frozen).
-
-    ``sliding_sources``: let the source's sliding-window layers feed the map too; such a translator only
-    translates contexts that fit in the source's window (a longer one raises ``KVStateError``).
-    """
-    from ..models import fingerprint, layer_types
-    from ..progress import progress
-    from .evaluate import prefill_state
-
-    s_shape, t_shape = _model_shape(source_model), _model_shape(target_model)
-    # a sliding-window source layer forgets tokens older than its window, so by default only the source's
-    # full-attention layers feed the map: then any context length translates
-    usable = [i for i, t in enumerate(layer_types(source_model)) if sliding_sources or t != "sliding_attention"]
-    layers = [[usable[j] for j in js] for js in layer_map(len(usable), t_shape[0], strategy, k)]
-    cfg = TranslatorConfig(source_name, target_name, fingerprint(source_model), fingerprint(target_model), s_shape,
-                           t_shape, layers, strategy, k, ridge, sliding_sources=sliding_sources)
-    tr = Translator(cfg)
-    xtx = [None] * t_shape[0]
-    xty = [None] * t_shape[0]
-    tokens = 0
-    for text in progress(texts, desc="fit translator", disable=not show_progress):
-        a = align(text, source_tokenizer, target_tokenizer)
-        s_state, t_state = prefill_state(source_model, a.source_ids), prefill_state(target_model, a.target_ids)
-        src = unrotated(s_state, source_model, sorted({j for ls in layers for j in ls}))
-        tgt = unrotated(t_state, target_model)
-        keep = a.index >= 0
-        keep[0] = False  # position 0 is the target's attention sink: it is never translated (see translate)
-        n_t = len(a.target_ids)
-        gathered = tr.gather(src, a.index)
-        for i in range(t_shape[0]):
-            x = tr.features(gathered, i)[keep]
-            x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-            tk, tv = tgt[i]
-            held = tk.shape[2]  # a sliding target layer holds only its last tokens
-            rows = torch.arange(n_t)[keep]
-            sel = rows >= n_t - held
-            y = torch.cat([tk[0].permute(1, 0, 2).reshape(held, -1), tv[0].permute(1, 0, 2).reshape(held, -1)], 1)
-            y = y[rows[sel] - (n_t - held)].double()
-            x = x[sel]
-            xtx[i] = x.T @ x if xtx[i] is None else xtx[i] + x.T @ x
-            xty[i] = x.T @ y if xty[i] is None else xty[i] + x.T @ y
-            if a.index[0] < 0 and held == n_t:  # the target's own first special token, e.g. <bos>
-                tr.bos_k[i], tr.bos_v[i] = tk[0][:, 0], tv[0][:, 0]
-        tokens += int(keep.sum())
-    for i, lin in enumerate(tr.maps):
-        a_ = xtx[i]
-        f = a_.shape[0] - 1
-        reg = ridge * torch.trace(a_[:f, :f]) / f
-        w = torch.linalg.solve(a_ + reg * torch.diag(torch.cat([torch.ones(f), torch.zeros(1)]).double()), xty[i])
-        lin.weight.copy_(w[:f].T.float())
-        lin.bias.copy_(w[f].float())
-    tr.config.tokens_fitted = tokens
-    return tr

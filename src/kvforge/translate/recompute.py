@@ -1,0 +1,111 @@
+"""Selective recomputation: the target re-reads some of a translated context's tokens and writes its own
+keys and values over the translated ones (CacheBlend's repair of a reused cache, Yao et al. 2024, applied
+to a translated one).
+
+The chosen tokens go through the target in one forward pass at their own positions. Each attends to the
+translated cache of the *other* tokens before it and to the recomputed chosen tokens up to itself, so
+every layer's new keys and values are computed from the repaired layer below. With every token chosen
+this is exactly the target's own prefill; with a share ``f`` of them it costs about ``f`` of a prefill.
+
+    idx = choose(alignment.index, 0.1, "trust", tr.trust_scores(inputs))
+    repaired = recompute(target_model, translated_state, idx)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import run
+from ..state import KVState, KVStateError, LayerState
+
+SELECT = ("trust", "last")
+
+
+def choose(index: torch.Tensor, fraction: float, select: str = "trust",
+           scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted positions ``[m]`` of the tokens to recompute: ``round(fraction * n)`` of the ``n`` translated tokens
+    (``index >= 0``; special tokens are the target's own already). ``trust``: the highest ``scores`` (see
+    :meth:`Translator.trust_scores`); ``last``: the last tokens. ``fraction`` 1 takes every token, specials
+    included (the target's own prefill)."""
+    if select not in SELECT:
+        raise ValueError(f"unknown recompute selection {select!r}; choose from {', '.join(SELECT)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"recompute is a share of the tokens, 0 to 1; got {fraction}")
+    n_all = len(index)
+    if fraction >= 1.0:
+        return torch.arange(n_all)
+    candidates = torch.nonzero(index >= 0).flatten()
+    m = min(round(fraction * len(candidates)), len(candidates))
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if select == "last":
+        return candidates[-m:]
+    if scores is None:
+        raise ValueError("recompute selection 'trust' needs the translator's trust scores")
+    s = scores[candidates]
+    keep = candidates[torch.topk(s, m).indices]
+    return keep.sort().values
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, allow_cache: torch.Tensor, window: int | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[1, 1, m, n + m]`` mask: a recomputed token at ``q_pos`` sees the cached tokens in
+    ``allow_cache`` before it and the recomputed tokens up to itself, within ``window`` when given."""
+    n = len(k_pos) - len(q_pos)
+    allow = torch.cat([allow_cache[None, :] & (k_pos[None, :n] < q_pos[:, None]),
+                       k_pos[None, n:] <= q_pos[:, None]], 1)
+    if window:
+        allow &= (q_pos[:, None] - k_pos[None, :]) < window
+    out = torch.zeros(allow.shape, dtype=dtype)
+    return out.masked_fill(~allow, torch.finfo(dtype).min)[None, None]
+
+
+@torch.inference_mode()
+def recompute(model, state: KVState, index: torch.Tensor) -> KVState:
+    """``state`` with the tokens at ``index`` (sorted positions into it) recomputed by ``model``, which attends
+    to ``state``'s other tokens. Every layer of ``state`` must hold all its tokens (a translated state does).
+
+    Raises :class:`~kvforge.state.KVStateError` for a state of another model or with fewer tokens in a layer."""
+    state.check_model(model)
+    n = state.num_tokens
+    if any(layer.length != n for layer in state.layers):
+        raise KVStateError("recomputation needs every layer to hold all the state's tokens (a sliding layer here "
+                           "holds fewer)")
+    index = torch.as_tensor(index, dtype=torch.long).flatten()
+    if len(index) == 0:
+        return state
+    if (index.diff() <= 0).any() or index[0] < 0 or index[-1] >= n:
+        raise ValueError(f"recompute positions must be sorted, distinct and within 0..{n - 1}")
+    from transformers import DynamicCache
+
+    device = run.model_device(model)
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache()
+    for i, layer in enumerate(state.layers):
+        d = layer.to_dense()
+        cache.update(d.tensors["keys"].to(device, dtype), d.tensors["values"].to(device, dtype), i)
+    pos = state.positions[index]
+    k_pos = torch.cat([state.positions, pos])
+    allow = torch.ones(n, dtype=torch.bool)
+    allow[index] = False  # the translated entries of recomputed tokens are replaced, never read
+    full = _mask(pos, k_pos, allow, None, dtype).to(device)
+    if "sliding_attention" in state.layer_types:
+        mask = {"full_attention": full,
+                "sliding_attention": _mask(pos, k_pos, allow, state.sliding_window, dtype).to(device)}
+    else:
+        mask = full
+    ids = state.token_ids[:, index].to(device)
+    decoder = getattr(model, "model", model)  # the decoder alone: no output projection (no logits needed)
+    decoder(input_ids=ids, **run.cache_kw(cache), use_cache=True, position_ids=pos[None].to(device),
+            attention_mask=mask)
+    layers = []
+    for i, old in enumerate(state.layers):
+        k, v = cache.layers[i].keys, cache.layers[i].values
+        nk, nv = k[:, :, :n].clone(), v[:, :, :n].clone()
+        nk[:, :, index.to(device)] = k[:, :, n:]
+        nv[:, :, index.to(device)] = v[:, :, n:]
+        layers.append(LayerState.dense(nk.to(old.keys.dtype), nv.to(old.keys.dtype)))
+    return KVState(layers, state.token_ids, state.positions, list(state.layer_types), state.fingerprint,
+                   model_name=state.model_name, sliding_window=state.sliding_window,
+                   layer_indices=list(state.layer_indices), num_model_layers=state.num_model_layers,
+                   meta={**state.meta, "recomputed_tokens": len(index)})

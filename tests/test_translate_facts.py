@@ -1,0 +1,165 @@
+"""Token-conditioned translation on tiny random models: token-local features, the source window, selective
+recomputation, fact passages and the translator file format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from kvhelpers import CONTEXT, one_thread, prefilled_cache
+from test_translate import _char_tokenizer
+
+from kvforge import KVState
+from kvforge.artifacts import ArtifactError
+from kvforge.state import KVStateError
+from kvforge.translate import Translator, fit, unrotated
+from kvforge.translate.features import source_window, token_features, token_local
+from kvforge.translate.recompute import choose, recompute
+
+TEXTS = [CONTEXT[i:] + CONTEXT[:i] for i in range(0, 80, 10)]
+
+
+def _state(model, tok, text=CONTEXT):
+    ids = tok(text, return_tensors="pt").input_ids
+    with one_thread():
+        return KVState.from_cache(prefilled_cache(model, ids), model, ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_token_local_features_are_layer_0_exactly_and_read_no_context(arch, tiny_llama, tiny_gemma):
+    """Layer 0's keys and values from the embedding alone equal the model's own layer-0 cache; changing the
+    tokens before a token (beyond its neighbours) changes nothing of its features."""
+    model, _ = tiny_llama if arch == "llama" else tiny_gemma
+    tok = _char_tokenizer()
+    ids = tok(CONTEXT, return_tensors="pt").input_ids[0]
+    own = unrotated(_state(model, tok), model, [0])[0]
+    emb, k0, v0 = token_local(model, ids)
+    n = own[0].shape[2]  # a sliding layer 0 holds only its last tokens
+    assert torch.allclose(k0[:, -n:], own[0][0], atol=1e-5) and torch.allclose(v0[:, -n:], own[1][0], atol=1e-5)
+    other = ids.clone()
+    other[1:10] = (other[1:10] + 7) % 90 + 2  # different earlier tokens
+    f1 = token_features(emb, k0, v0, neighbours=1)
+    f2 = token_features(*token_local(model, other), neighbours=1)
+    assert torch.equal(f1[11:], f2[11:]) and not torch.equal(f1[1:11], f2[1:11])
+
+
+def test_source_window_gathers_the_aligned_token_and_those_before_it():
+    """Slot s of target token t holds source token index[t] - s; slots before the text, and specials, are 0;
+    a sliding source layer holding only its last tokens is read at the right offset."""
+    n, d = 10, 3
+    full = torch.arange(n, dtype=torch.float)[None, None, :, None].expand(1, 1, n, d) + 1  # value = position + 1
+    sliding = full[:, :, -6:]  # holds tokens 4..9
+    index = torch.tensor([-1, 0, 2, 5, 9])
+    got = source_window({0: (full, full)}, index, 3)[0][:, :, 0] - 1  # position per slot, -1 where empty
+    assert got.tolist() == [[-1, -1, -1], [0, -1, -1], [2, 1, 0], [5, 4, 3], [9, 8, 7]]
+    got_s = source_window({0: (full, full), 1: (sliding, sliding)}, torch.tensor([5, 9, 4]), 3)[1][:, :, 0] - 1
+    assert got_s.tolist() == [[5, 4, -1], [9, 8, 7], [4, -1, -1]]  # tokens before 4 fell out of the window: empty
+    with pytest.raises(KVStateError, match="holds only its last 6 tokens"):
+        source_window({0: (full, full), 1: (sliding, sliding)}, index, 3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_recomputing_every_token_is_the_targets_own_prefill(arch, tiny_llama, tiny_gemma):
+    """With every token recomputed over a translated (here: garbage) cache, the result is the target's own
+    prefill, sliding layers included (the context is longer than the tiny Gemma's window of 16)."""
+    model, _ = tiny_llama if arch == "llama" else tiny_gemma
+    tok = _char_tokenizer()
+    own = _state(model, tok)
+    n = own.num_tokens
+    torch.manual_seed(0)
+    garbage = KVState([type(la).dense(torch.randn(1, la.keys.shape[1], n, la.keys.shape[3]),
+                                      torch.randn(1, la.keys.shape[1], n, la.keys.shape[3])) for la in own.layers],
+                      own.token_ids, own.positions, list(own.layer_types), own.fingerprint,
+                      sliding_window=own.sliding_window, num_model_layers=len(own.layers))
+    with one_thread():
+        out = recompute(model, garbage, choose(torch.zeros(n, dtype=torch.long), 1.0))
+        part = recompute(model, garbage, torch.tensor([3, 20, n - 1]))
+    for a, b in zip(out.layers, own.layers):
+        m = b.length
+        assert torch.allclose(a.keys[:, :, -m:], b.keys, atol=1e-5) and torch.allclose(a.values[:, :, -m:], b.values,
+                                                                                        atol=1e-5)
+    keep = [i for i in range(n) if i not in (3, 20, n - 1)]
+    for a, g in zip(part.layers, garbage.layers):
+        assert torch.equal(a.keys[:, :, keep], g.keys[:, :, keep]) and not torch.equal(a.keys[:, :, 20], g.keys[:, :, 20])
+    assert torch.allclose(part.layers[0].keys[:, :, 3], own.layers[0].keys[:, :, 3 - (n - own.layers[0].length)]
+                          if own.layers[0].length == n else part.layers[0].keys[:, :, 3], atol=1e-5)
+
+
+def test_choose_picks_the_share_of_translated_tokens_by_score_or_from_the_end():
+    index = torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])  # a special first token, then 10 translated
+    scores = torch.tensor([float("-inf"), 0, 9, 1, 8, 2, 7, 3, 6, 4, 5])
+    assert choose(index, 0.3, "trust", scores).tolist() == [2, 4, 6]
+    assert choose(index, 0.2, "last").tolist() == [9, 10]
+    assert choose(index, 0.0, "trust", scores).tolist() == []
+    assert choose(index, 1.0).tolist() == list(range(11))  # every token, the special one included
+    with pytest.raises(ValueError, match="unknown recompute selection"):
+        choose(index, 0.1, "random")
+    with pytest.raises(ValueError, match="0 to 1"):
+        choose(index, 1.5)
+
+
+def test_token_conditioned_translator_writes_exact_layer_0_scores_trust_and_round_trips(tiny_llama, tiny_gemma,
+                                                                                         tmp_path):
+    (src, _), (tgt, _) = tiny_llama, tiny_gemma
+    tok = _char_tokenizer()
+    with one_thread():
+        tr = fit(src, tgt, tok, tok, TEXTS, k=2, window=3, window_rank=8, token_rank=16, show_progress=False)
+        s_state = _state(src, tok)
+        out = tr.translate(s_state, CONTEXT, src, tgt, tok, tok)
+        inputs = tr.prepare(s_state, CONTEXT, src, tgt, tok, tok)
+        scores = tr.trust_scores(inputs)
+        full = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=1.0)
+    own = _state(tgt, tok)
+    k0 = unrotated(out, tgt, [0])[0][0]
+    k_own = unrotated(own, tgt, [0])[0][0]
+    m = k_own.shape[2]
+    assert torch.allclose(k0[:, :, -m:], k_own, atol=1e-5)  # layer 0 is the target's own
+    assert scores[0] == float("-inf") and torch.isfinite(scores[1:]).all()  # <bos> is exact
+    assert full.meta["recomputed_tokens"] == own.num_tokens
+    for a, b in zip(full.layers, own.layers):
+        assert torch.allclose(a.keys[:, :, -b.length:], b.keys, atol=1e-4)
+    assert tr.config.window == 3 and tr.config.token_rank == 16
+    path = tmp_path / "t.safetensors"
+    tr.save(path)
+    back = Translator.load(path)
+    assert all(torch.equal(p, q) for p, q in zip(back.state_dict().values(), tr.state_dict().values()))
+    with pytest.raises(ValueError, match="0 to 1"):
+        tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=2.0)
+
+
+def test_a_translator_file_of_an_older_format_is_refused_by_name(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    model, _ = tiny_llama
+    tok = _char_tokenizer()
+    with one_thread():
+        tr = fit(model, model, tok, tok, TEXTS[:2], strategy="uniform", token_rank=0, window=1, show_progress=False)
+    from dataclasses import asdict
+
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in tr.state_dict().items()}, str(path),
+              metadata={"kvforge-translator": json.dumps({"format": 1, "config": asdict(tr.config)})})
+    with pytest.raises(ArtifactError, match="format version 1"):
+        Translator.load(path)
+
+
+def test_fact_passages_use_pools_apart_from_the_qa_evaluation_and_mark_answers():
+    from kvforge.eval import qa
+    from kvforge.translate import facts
+
+    for ours, theirs in ((facts.FIRST, qa.FIRST), (facts.LAST, qa.LAST), (facts.PLACES, qa.PLACES),
+                         (facts.THINGS, qa.THINGS),
+                         (facts.WORDS + facts.SHADES + facts.WEEKDAYS + facts.MATERIALS, qa.WORDS + qa.COLORS + qa.MONTHS)):
+        assert not {w.lower() for w in ours} & {w.lower() for w in theirs}
+    assert not set(facts.FILLER) & set(qa.FILLER)
+    items = facts.fact_passages(5, seed=3)
+    assert items == facts.fact_passages(5, seed=3) and items != facts.fact_passages(5, seed=4)
+    tok = _char_tokenizer(with_bos=False)
+    for f in items:
+        ids, mask = facts.answer_mask(tok, f.continuation, f.answers)
+        marked = "".join(f.continuation[i] for i, m in enumerate(mask) if m)  # one token per character
+        assert marked == "".join(f.continuation[b:e] for b, e in f.answers)
+        for b, e in f.answers:
+            assert f.continuation[b:e] in f.context.split("Passage: ")[-1]  # the answer is in the last passage
+    assert qa.DEMO.split("Passage: ")[1] not in "".join(f.context for f in items)
