@@ -157,3 +157,12 @@ def test_prefill_missing_text_is_a_one_line_error(tmp_path):
     )
     assert "nope.txt" in line and "no such file" in line
     assert not (tmp_path / "x.kv").exists()
+
+
+def test_translate_run_refuses_a_recompute_share_outside_0_to_1_before_loading_models(tmp_path, capsys):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("A passage.")
+    code, _, err = run_main(capsys, "translate", "run", "--source", "no-such-model", "--target", "no-such-model",
+                            "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
+                            "--recompute", "1.5")
+    assert code == 2 and "--recompute is a share of the context's tokens, 0 to 1; got 1.5" in err

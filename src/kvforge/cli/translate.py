@@ -143,6 +143,8 @@ def cmd_run(args) -> int:
 
     if not args.context.is_file():
         raise ValueError(f"context file not found: {args.context}")
+    if not 0.0 <= args.recompute <= 1.0:
+        raise ValueError(f"--recompute is a share of the context's tokens, 0 to 1; got {args.recompute}")
     tr = Translator.load(args.translator)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
