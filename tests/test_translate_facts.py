@@ -126,6 +126,8 @@ def test_token_conditioned_translator_writes_exact_layer_0_scores_trust_and_roun
     assert all(torch.equal(p, q) for p, q in zip(back.state_dict().values(), tr.state_dict().values()))
     with pytest.raises(ValueError, match="0 to 1"):
         tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=2.0)
+    with pytest.raises(ValueError, match="unknown recompute selection"):
+        tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=0.1, select="random")
 
 
 def test_a_translator_file_of_an_older_format_is_refused_by_name(tiny_llama, tmp_path):

@@ -88,12 +88,17 @@ def gather_slot(rows: torch.Tensor, index: torch.Tensor, slot: int, total: int, 
     return torch.where(ok[:, None], rows[off.clamp(0, n - 1)], rows.new_zeros(()))
 
 
+def len_total(src: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Tokens of the longest (full-attention) source layer: the whole text."""
+    return max(k.shape[2] for k, _ in src.values())
+
+
 def source_window(src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor,
                   window: int) -> dict[int, torch.Tensor]:
     """Per source layer, ``[Nt, window, 2 * heads * head_dim]``: keys then values of the source token aligned
     with each target token (slot 0) and of the ``window - 1`` source tokens before it (slots 1...), zeros
     where a slot falls before the text or the target token is special (``index < 0``). Batch 1."""
-    total = max(k.shape[2] for k, _ in src.values())
+    total = len_total(src)
     out = {}
     for j, (k, v) in src.items():
         flat = flat_kv(k, v)

@@ -24,7 +24,7 @@ from ..artifacts import ArtifactError, check_version
 from ..rope import apply_rope, cos_sin, remove_rope
 from ..state import KVState, KVStateError, LayerState
 from .align import Alignment, align
-from .features import PCA, flat_kv, gather_slot, source_window, token_features, token_local
+from .features import PCA, flat_kv, gather_slot, len_total, token_features, token_local
 from .modes import GATE_INIT, MODES, TranslationMode, gated_fuse, get_mode  # noqa: F401 - re-exported
 
 # 2: token-conditioned translators (window of source tokens, token-local target features, exact layer 0);
@@ -149,12 +149,6 @@ class Translator(torch.nn.Module):
                 f"(fingerprints {want[0]} -> {want[1]}); the models given have fingerprints {got[0]} -> {got[1]}")
 
     # -- features ------------------------------------------------------------------------------
-    @staticmethod
-    def gather(src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per source layer, ``[Nt, 2 * heads * head_dim]``: keys then values of the source token aligned
-        with each target token (batch 1)."""
-        return {j: w[:, 0] for j, w in source_window(src, index, 1).items()}
-
     def source_features(self, src: dict[int, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor
                         ) -> dict[int, torch.Tensor]:
         """Per source layer, ``[Nt, S + (window - 1) * window_rank]``: the aligned token's keys and values, then
@@ -302,9 +296,13 @@ class Translator(torch.nn.Module):
         if recompute and mode.needs_own:
             raise ValueError("recompute repairs a replace-mode translation; a fuse translator already has the "
                              "target's own state")
-        with torch.no_grad():
-            inputs = self.prepare(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
-            out = self.build_state(self.project(inputs), inputs.a, target_model)
+        if recompute:
+            from .recompute import SELECT
+            if select not in SELECT:
+                raise ValueError(f"unknown recompute selection {select!r}; choose from {', '.join(SELECT)}")
+            if select == "trust" and not self.config.token_conditioned:
+                raise ValueError("recompute selection 'trust' needs a token-conditioned translator (token_rank > 0)")
+        inputs, out = self._translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
         if recompute:
             from .recompute import choose
             from .recompute import recompute as redo
@@ -313,12 +311,17 @@ class Translator(torch.nn.Module):
             out = redo(target_model, out, choose(inputs.a.index, recompute, select, scores))
         return mode.combine(self, own, out)
 
-    @torch.no_grad()
     def translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
                    target_tokenizer) -> KVState:
         """The projected source state in the target's layout, before any fusion (what ``replace`` uses)."""
+        return self._translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)[1]
+
+    @torch.no_grad()
+    def _translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
+                    target_tokenizer) -> tuple[Inputs, KVState]:
+        """:meth:`prepare`'s inputs and the projected state built from them."""
         inputs = self.prepare(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
-        return self.build_state(self.project(inputs), inputs.a, target_model)
+        return inputs, self.build_state(self.project(inputs), inputs.a, target_model)
 
     def fuse(self, own: KVState, translated: KVState) -> KVState:
         """``own + sigmoid(gate) * (translated - own)`` per layer, for keys and values, per target head (both
@@ -360,11 +363,6 @@ def token_dim(config: TranslatorConfig) -> int:
     values (the target's hidden size is stored in ``config.extra["target_hidden"]``)."""
     _, th, td = config.target_shape
     return (config.neighbours + 1) * int(config.extra["target_hidden"]) + 2 * th * td
-
-
-def len_total(src: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Tokens of the longest (full-attention) source layer: the whole text."""
-    return max(k.shape[2] for k, _ in src.values())
 
 
 def identity(model, name: str = "") -> Translator:
