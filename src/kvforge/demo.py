@@ -148,7 +148,7 @@ class Demo:
         cached (``conversion_dir``)."""
         from .mla import convert, save_converted
         from .models import converted_loader, fingerprint
-        from .texts import load_text, text_pieces
+        from .texts import calibration_pieces
 
         d = self.conversion_dir
         if d is not None and (loader := converted_loader(d)) is not None:
@@ -156,7 +156,7 @@ class Demo:
             if model.kvforge_mla.base_fingerprint == fingerprint(self.model):
                 return model, True
         model = copy.deepcopy(self.model)
-        texts = self.calibration or text_pieces(load_text("pydoc", "calibration"), 4, 2000)
+        texts = self.calibration or calibration_pieces(None, 6, 2000)  # two pieces of each text of the mix
         convert(model, self.tok, ratio=2, calibration=texts, name=self.name)
         if d is not None:
             save_converted(model, self.tok if hasattr(self.tok, "save_pretrained") else None, d)

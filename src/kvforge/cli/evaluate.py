@@ -23,6 +23,10 @@ def _spec_list(text: str) -> list[str]:
     return split_specs(text)
 
 
+TEXT_HELP = ("named texts or files, comma-separated (ppl and bench take several and report each, the mean and the "
+             "worst): pydoc, licenses, kjv, fortunes, jargon, or all / mix / held-out (see kvforge.texts)")
+
+
 def add_commands(sub) -> None:
     from .core import _model_arg
 
@@ -55,8 +59,8 @@ def add_commands(sub) -> None:
                    help="comma-separated cache specs, e.g. dynamic,kvforge-quant:preset=safe,tiny-turboquant")
     p.add_argument("--metrics", type=_csv(str), default=["ppl", "agree", "needle"], help="subset of ppl,agree,needle")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent folder (default ./results)")
-    p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
-    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"], help="part of the text")
+    p.add_argument("--text", default="pydoc", help=TEXT_HELP)
+    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"], help="part of each text")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows (default 4)")
     p.add_argument("--context", type=int, default=512, help="tokens prefilled per window (default 512)")
     p.add_argument("--score", type=int, default=512, help="tokens scored per window (default 512)")
@@ -79,7 +83,7 @@ def common(p, cache_default: str | None = "dynamic") -> None:
     _model_arg(p)
     p.add_argument("--cache", default=cache_default, required=cache_default is None,
                    help="cache spec (see `kvforge caches`), e.g. kvforge-quant:preset=balanced")
-    p.add_argument("--text", default="pydoc", help="'pydoc' (built-in) or a text file")
+    p.add_argument("--text", default="pydoc", help=TEXT_HELP)
     p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -104,9 +108,13 @@ def _load(args):
 
 
 def _text(args) -> str:
-    from ..texts import load_text
+    from ..texts import load_text, text_names
 
-    return load_text(args.text, args.split)
+    names = text_names(args.text)
+    if len(names) > 1:
+        raise ValueError(f"`kvforge eval {args.metric}` takes one text (got {', '.join(names)}); "
+                         "`kvforge eval ppl` and `kvforge bench` take several")
+    return load_text(names[0], args.split)
 
 
 def _print(result, as_json: bool, lines: list[str]) -> None:
@@ -116,29 +124,48 @@ def _print(result, as_json: bool, lines: list[str]) -> None:
 def cmd_ppl(args) -> int:
     from ..eval import perplexity, token_windows
     from ..models import size_vs_fp16
+    from ..texts import load_text, text_names
 
+    names = text_names(args.text)
     model, tok = _load(args)
-    windows = token_windows(tok, _text(args), args.windows, args.context + args.score)
-    kw = dict(windows=windows, context=args.context, score=args.score, chunk=args.chunk, single_pass=args.single_pass)
-    base = None
-    if args.cache != "dynamic" and not args.no_baseline:
-        base = perplexity(model, tok, "dynamic", **kw)
-    r = perplexity(model, tok, args.cache, baseline=base, **kw)
-    lines = [f"{r.cache} ({r.mode}): PPL {r.ppl:.4f}  NLL {r.nll:.5f}  tokens {r.tokens}  "
-             f"{r.bytes_per_token:,.0f} B/token ({size_vs_fp16(r.bytes_per_token, r.fp16_bytes_per_token)})  "
-             f"{1000 * r.seconds_per_token:.2f} ms/token"]
-    if base is not None:
-        lines.append(f"dynamic baseline (this model's dtype): PPL {base.ppl:.4f}; {r.cache} changes it by "
-                     f"{100 * r.rel_change:+.2f}% and holds {base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")
-    _print(r, args.json, lines)
+    # every text's windows are cut before any scoring, so a text that is too short fails first
+    windows = {n: token_windows(tok, load_text(n, args.split), args.windows, args.context + args.score) for n in names}
+    lines, out, changes = [], {}, {}
+    for name in names:
+        kw = dict(windows=windows[name], context=args.context, score=args.score, chunk=args.chunk,
+                  single_pass=args.single_pass)
+        base = None
+        if args.cache != "dynamic" and not args.no_baseline:
+            base = perplexity(model, tok, "dynamic", **kw)
+        r = perplexity(model, tok, args.cache, baseline=base, **kw)
+        out[name] = r.to_dict()
+        lines.append(f"[{name}] {r.cache} ({r.mode}): PPL {r.ppl:.4f}  NLL {r.nll:.5f}  tokens {r.tokens}  "
+                     f"{r.bytes_per_token:,.0f} B/token ({size_vs_fp16(r.bytes_per_token, r.fp16_bytes_per_token)})  "
+                     f"{1000 * r.seconds_per_token:.2f} ms/token")
+        if base is not None:
+            changes[name] = r.rel_change
+            lines.append(f"[{name}] dynamic baseline (this model's dtype): PPL {base.ppl:.4f}; {r.cache} changes it by "
+                         f"{100 * r.rel_change:+.2f}% and holds {base.bytes_per_token / r.bytes_per_token:.2f}x fewer bytes")
+    summary = {}
+    if len(changes) > 1:
+        worst = max(changes, key=changes.get)
+        summary = {"mean_rel_change": sum(changes.values()) / len(changes), "worst_rel_change": changes[worst],
+                   "worst_text": worst}
+        lines.append(f"over {len(changes)} texts: mean {100 * summary['mean_rel_change']:+.2f}%, worst "
+                     f"{100 * changes[worst]:+.2f}% ({worst})")
+    if args.json:
+        print(json.dumps(out[names[0]] if len(names) == 1 else {"texts": out, **summary}, indent=1))
+    else:
+        print("\n".join(lines))
     return 0
 
 
 def cmd_agree(args) -> int:
     from ..eval import agreement, default_prompts
 
+    text = _text(args)  # a bad text fails before the model loads
     model, tok = _load(args)
-    prompts = default_prompts(tok, args.prompts, args.prompt_tokens, _text(args))
+    prompts = default_prompts(tok, args.prompts, args.prompt_tokens, text)
     r = agreement(model, tok, args.cache, prompts=prompts, new_tokens=args.new_tokens)
     ok = args.min_match is None or r.match_rate >= args.min_match
     line = (f"{r.cache} vs DynamicCache on {args.model}: greedy match {100 * r.match_rate:.1f}% over "
@@ -157,9 +184,10 @@ def cmd_needle(args) -> int:
     from ..eval import needle
     from ..eval.report import plot_needle_result
 
+    text = _text(args)
     model, tok = _load(args)
     r = needle(model, tok, args.cache, lengths=tuple(args.lengths), depths=tuple(args.depths),
-               trials=args.trials, text=_text(args))
+               trials=args.trials, text=text)
     lines = [f"{r.cache}: needle accuracy {100 * r.mean_accuracy:.0f}%",
              "length  " + "  ".join(f"{d:>5.0%}" for d in r.depths)]
     lines += [f"{n:>6}  " + "  ".join(f"{a:>5.0%}" for a in row) for n, row in zip(r.lengths, r.accuracy)]

@@ -20,7 +20,9 @@ def add_commands(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="joint",
                    help="joint (default; best quality), separate, or decoupled_rope (decode on the latents)")
     p.add_argument("--rope-pairs", type=int, help="decoupled_rope: rotary pairs kept per KV head (default head_dim/8, at most half the budget)")
-    p.add_argument("--calibration", type=Path, help="calibration text file (default: the pydoc calibration split)")
+    p.add_argument("--calibration", default="mix",
+                   help="calibration texts, comma-separated, taken in turn: named texts (their calibration parts) "
+                        "or files (whole) (default: mix = pydoc, licenses, kjv; see kvforge.texts)")
     p.add_argument("--calibration-pieces", type=int, default=32, help="pieces of ~512 tokens (default 32)")
     p.add_argument("--no-whiten", action="store_true", help="plain weight SVD (no activation statistics)")
     p.add_argument("--output-aware", choices=["auto", "on", "off"], default="auto",
@@ -48,18 +50,9 @@ def add_commands(sub) -> None:
 
 
 def _calibration(args) -> list[str]:
-    from ..texts import load_text, text_pieces
+    from ..texts import calibration_pieces
 
-    if args.calibration is not None:
-        if not args.calibration.is_file():
-            raise ValueError(f"calibration file not found: {args.calibration}")
-        text = args.calibration.read_text()
-    else:
-        text = load_text("pydoc", "calibration")
-    pieces = text_pieces(text, args.calibration_pieces, 2200)
-    if not pieces:
-        raise ValueError("the calibration text is too short for one piece of 2200 characters")
-    return pieces
+    return calibration_pieces(args.calibration, args.calibration_pieces, 2200)
 
 
 def cmd_convert(args) -> int:

@@ -14,8 +14,9 @@ def add_commands(sub) -> None:
     p = qsub.add_parser("recommend", help="one calibration pass: per-layer ranges, outliers, errors, recommended bits")
     _model_arg(p)
     p.add_argument("--mode", default="balanced", choices=["quality", "balanced"], help="recommendation mode")
-    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
-    p.add_argument("--text", default="pydoc", help="'pydoc' (its calibration split) or a text file")
+    p.add_argument("--tokens", type=int, default=512, help="calibration tokens per text (default 512)")
+    p.add_argument("--text", default="mix", help="calibration texts, comma-separated: named texts (their calibration "
+                   "parts) or files (whole) (default: mix = pydoc, licenses, kjv; see kvforge.texts)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_recommend)
 
@@ -30,11 +31,11 @@ def cmd_recommend(args) -> int:
 
     from ..models import load_model
     from ..quant.calibrate import BITS, calibrate
-    from ..texts import load_text
+    from ..texts import calibration_text, text_names
 
+    texts = [calibration_text(name) for name in text_names(args.text)]
     model, tok = load_model(args.model, dtype=args.dtype)
-    text = load_text(args.text, "calibration")
-    report = calibrate(model, tok, text=text, tokens=args.tokens)
+    report = calibrate(model, tok, text=texts, tokens=args.tokens)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0

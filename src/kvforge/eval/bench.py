@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..results import Results, settings_digest
 from ..specs import CacheUnavailableError, parse_spec
 from .agreement import agreement, default_prompts
@@ -40,6 +42,9 @@ class BenchSettings:
     needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     needle_trials: int = 1
     single_pass: bool = False  # also report the single-pass perplexity per cache
+    # bytes held per token after a prefill of this many tokens of the first text (0: not measured); the size
+    # the presets' targets are stated at (a quantized cache's residual window weighs less as contexts grow)
+    size_tokens: int = 2048
     # converted models of the same base (kvforge.mla directories) run with every cache too, on the same
     # windows, so that MLA, quantization and both share one table and one quality-versus-bytes plot
     variants: list[str] = field(default_factory=list)
@@ -50,6 +55,9 @@ class BenchSettings:
             raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
         if not self.caches:
             raise ValueError("no caches to benchmark")
+        from ..texts import text_names
+
+        text_names(self.text)  # an unknown text fails before any model work
         for c in self.caches:
             parse_spec(c)  # unknown specs fail before any model work
         for v in self.variants:
@@ -78,10 +86,21 @@ def _variant(path: str, base):
     return model
 
 
+@torch.inference_mode()
+def _size_at(model, spec, ids) -> float:
+    """Bytes per token a fresh cache of ``spec`` holds after a prefill of ``ids``."""
+    from ..run import model_device, prefill
+    from ..specs import cache_nbytes
+
+    cache = spec.build(model)
+    prefill(model, ids.to(model_device(model)), cache)
+    return cache_nbytes(cache) / ids.shape[1]
+
+
 def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=None, tokenizer=None) -> Path:
-    """Run the matrix and write the results folder; returns its path."""
+    """Run the matrix (every cache on every text) and write the results folder; returns its path."""
     from ..models import load_model
-    from ..texts import load_text
+    from ..texts import load_text, text_names
     from .report import write_report
 
     settings.validate()
@@ -89,23 +108,41 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
     record = Results(out_root, settings.folder_name(), asdict(settings))
     if model is None:
         model, tokenizer = load_model(settings.model)
-    text = load_text(settings.text, settings.split)
-    # the same windows, prompts and needles for every cache
-    windows = token_windows(tokenizer, text, settings.windows, settings.context + settings.score)
-    prompts = default_prompts(tokenizer, settings.agree_prompts, settings.agree_prompt_tokens, text)
+    names = text_names(settings.text)
+    texts = {name: load_text(name, settings.split) for name in names}
+    # the same windows, prompts and needles for every cache (all cut before the first cache runs, so a text
+    # that is too short fails before any work)
+    windows = {n: token_windows(tokenizer, t, settings.windows, settings.context + settings.score) for n, t in texts.items()}
+    size_ids = None
+    if settings.size_tokens:
+        size_ids = token_windows(tokenizer, "\n\n".join(texts.values()), 1, settings.size_tokens)[0]
     caches = list(dict.fromkeys(["dynamic", *settings.caches]))  # the baseline always runs, first
     models = [("", model)] + [(Path(v).name, _variant(v, model)) for v in settings.variants]
+    rows: list[dict] = []
+    for i, (name, text) in enumerate(texts.items()):  # sizes do not depend on the text: measured once
+        rows += _text_rows(settings, models, caches, tokenizer, name, text, windows[name], size_ids if i == 0 else None)
+    return write_report(record, rows)
+
+
+def _text_rows(settings, models, caches, tokenizer, name, text, windows, size_ids) -> list[dict]:
+    prompts = default_prompts(tokenizer, settings.agree_prompts, settings.agree_prompt_tokens, text)
     rows: list[dict] = []
     baseline = None
     for (label, model), spec_text in ((m, c) for m in models for c in caches):
         spec = parse_spec(spec_text)
         ok, why = spec.available()
         if not ok:
-            rows.append({"cache": str(spec), "skipped": why})
+            rows.append({"cache": str(spec), "text": name, "skipped": why})
             continue
-        row: dict = {"cache": f"{label} + {spec}" if label else str(spec)}
+        row: dict = {"cache": f"{label} + {spec}" if label else str(spec), "text": name}
         t0 = time.perf_counter()
         try:
+            if size_ids is not None:
+                from ..models import kv_bytes_fp16
+
+                n = size_ids.shape[1]
+                row["size"] = {"tokens": n, "bytes_per_token": _size_at(model, spec, size_ids),
+                               "fp16_bytes_per_token": kv_bytes_fp16(model, n) / n}
             if "ppl" in settings.metrics:
                 res = perplexity(model, tokenizer, spec, windows=windows, context=settings.context,
                                  score=settings.score, chunk=settings.chunk, baseline=baseline)
@@ -124,10 +161,10 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
                                        depths=tuple(settings.needle_depths), trials=settings.needle_trials,
                                        text=text).to_dict()
         except (CacheUnavailableError, ImportError) as e:
-            row = {"cache": str(spec), "skipped": str(e)}
+            row = {"cache": str(spec), "text": name, "skipped": str(e)}
         except Exception as e:  # noqa: BLE001 - one failing cache must not lose the others' results
             row["error"] = f"{type(e).__name__}: {e}"
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-    return write_report(record, rows)
+    return rows
 

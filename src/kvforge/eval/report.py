@@ -56,43 +56,93 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per cache over the texts of a run: ΔPPL per text, the mean and the worst (largest) change,
+    and the bytes per token held at the run's size point."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        e = out.setdefault(r["cache"], {"cache": r["cache"], "rel_change": {}, "size": None})
+        if "size" in r:
+            e["size"] = r["size"]
+        if "ppl" in r and r["ppl"].get("rel_change") is not None:
+            e["rel_change"][r.get("text", "")] = r["ppl"]["rel_change"]
+    for e in out.values():
+        ch = e["rel_change"]
+        e["mean_rel_change"] = sum(ch.values()) / len(ch) if ch else None
+        e["worst_text"] = max(ch, key=ch.get) if ch else None
+        e["worst_rel_change"] = ch[e["worst_text"]] if ch else None
+    return list(out.values())
+
+
+def summary_table(summary: list[dict]) -> str:
+    """ΔPPL of every cache on every text, with the mean, the worst case and the size against float16."""
+    texts = list(dict.fromkeys(t for e in summary for t in e["rel_change"]))
+    size = next((e["size"] for e in summary if e["size"]), None)
+    at = f" at {size['tokens']:,} tokens" if size else ""
+    lines = ["| cache | " + " | ".join(f"ΔPPL {t}" for t in texts) + f" | mean | worst | vs fp16{at} |",
+             "|" + "|".join(["---"] * (len(texts) + 4)) + "|"]
+    pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+    for e in summary:
+        z = e["size"]
+        ratio = "-" if not z else f"{z['fp16_bytes_per_token'] / z['bytes_per_token']:.2f}x"
+        worst = "-" if e["worst_text"] is None else f"{pct(e['worst_rel_change'])} ({e['worst_text']})"
+        lines.append(f"| {e['cache']} | " + " | ".join(pct(e["rel_change"].get(t)) for t in texts)
+                     + f" | {pct(e['mean_rel_change'])} | {worst} | {ratio} |")
+    return "\n".join(lines)
+
+
 def write_report(res: Results, rows: list[dict]) -> Path:
-    """``results.json`` (the run's metadata, settings and rows), ``results.md`` and the plots into the run's
-    new folder; returns the folder."""
-    res.write_json("results.json", {"results": rows})
+    """``results.json`` (the run's metadata, settings, rows per cache and text, and the summary over texts),
+    ``results.md`` and the plots into the run's new folder; returns the folder."""
+    summary = summarize(rows)
+    res.write_json("results.json", {"results": rows, "summary": summary})
     meta, s = res.meta, res.meta["settings"]
+    texts = list(dict.fromkeys(r.get("text", s["text"]) for r in rows))
     md = [
         f"# kvforge bench: {s['model']}",
         "",
-        f"Perplexity is decode-faithful: {s['windows']} windows of the {s['text']} text ({s['split']} split), "
+        f"Perplexity is decode-faithful: {s['windows']} windows of each text ({s['split']} split), "
         f"each prefilled with {s['context']} tokens then scored on the next {s['score']} in chunks of {s['chunk']} "
-        "through the cache. ΔPPL, bytes and time are relative to `dynamic` in this run. Agreement: greedy "
-        f"match over {s['agree_tokens']} tokens on {s['agree_prompts']} prompts, KL teacher-forced. "
+        "through the cache. ΔPPL, bytes and time are relative to `dynamic` on the same text in this run. Agreement: "
+        f"greedy match over {s['agree_tokens']} tokens on {s['agree_prompts']} prompts, KL teacher-forced. "
         f"Needle: lengths {s['needle_lengths']}, depths {s['needle_depths']}, {s['needle_trials']} trial(s) each.",
         "",
-        markdown_table(rows),
+        "## Over the texts: " + ", ".join(texts),
         "",
-        f"kvforge {meta['kvforge']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"{meta['threads']} threads, started {meta['started']}; `{meta['command']}`",
+        summary_table(summary),
     ]
+    for t in texts:
+        md += ["", f"## {t}", "", markdown_table([r for r in rows if r.get("text", s["text"]) == t])]
+    md += ["", f"kvforge {meta['kvforge']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+           f"{meta['threads']} threads, started {meta['started']}; `{meta['command']}`"]
     res.write_text("results.md", "\n".join(md))
-    plot_quality_vs_bytes(rows, res.path("quality_vs_bytes.png"))
+    plot_quality_vs_bytes(summary, rows, res.path("quality_vs_bytes.png"))
     if any("needle" in r for r in rows):
-        plot_needle([r for r in rows if "needle" in r], res.path("needle_heatmap.png"))
+        plot_needle([r for r in rows if "needle" in r and r.get("text") == texts[0]], res.path("needle_heatmap.png"))
     return res.folder
 
 
-def plot_quality_vs_bytes(rows: list[dict], path: Path) -> None:
-    pts = [(r["cache"], r["ppl"]["bytes_per_token"], 100 * (r["ppl"].get("rel_change") or 0.0)) for r in rows if "ppl" in r]
+def plot_quality_vs_bytes(summary: list[dict], rows: list[dict], path: Path) -> None:
+    """Mean ΔPPL over the texts against bytes per token held, with a bar from the best to the worst text."""
+    held = {r["cache"]: r["ppl"]["bytes_per_token"] for r in rows if "ppl" in r}
+    pts = []
+    for e in summary:
+        if not e["rel_change"] or e["cache"] not in held:
+            continue
+        x = e["size"]["bytes_per_token"] if e["size"] else held[e["cache"]]
+        ch = [100 * v for v in e["rel_change"].values()]
+        pts.append((e["cache"], x, 100 * e["mean_rel_change"], min(ch), max(ch)))
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, x, y in pts:
-        ax.scatter([x], [y], s=40)
+    for name, x, y, lo, hi in pts:
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, ms=5)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("KV cache bytes per token (held)")
-    ax.set_ylabel("perplexity change vs dynamic (%)")
+    size = next((e["size"] for e in summary if e["size"]), None)
+    ax.set_xlabel("KV cache bytes per token held" + (f" at {size['tokens']:,} tokens" if size else ""))
+    n = max(len(e["rel_change"]) for e in summary)
+    ax.set_ylabel("perplexity change vs dynamic (%)" + (f"\nmean of {n} texts, bar: best to worst" if n > 1 else ""))
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title("quality vs memory (decode-faithful perplexity)")
     fig.tight_layout()

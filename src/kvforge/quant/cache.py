@@ -93,9 +93,10 @@ class QuantizedKVCache(Cache):
         return cls(configs, types, getattr(tc, "sliding_window", None), fused=fused)
 
     @classmethod
-    def from_model(cls, model, tokenizer, mode: str = "balanced", text: str | None = None, **kw) -> QuantizedKVCache:
-        """Calibrate on a short text (default: the calibration split of the built-in text) and build the
-        cache with the recommended per-layer bits."""
+    def from_model(cls, model, tokenizer, mode: str = "balanced", text: str | list[str] | None = None,
+                    **kw) -> QuantizedKVCache:
+        """Calibrate on short texts (default: the calibration parts of :data:`kvforge.texts.CALIBRATION_MIX`,
+        see :func:`kvforge.quant.calibrate.calibrate`) and build the cache with the recommended per-layer bits."""
         from .calibrate import calibrate
 
         report = calibrate(model, tokenizer, text=text)

@@ -93,28 +93,41 @@ def _errors(k: torch.Tensor, v: torch.Tensor, base: QuantConfig, rotate_keys: bo
 
 
 @torch.inference_mode()
-def calibrate(model, tokenizer, text: str | None = None, tokens: int = 512,
+def calibrate(model, tokenizer, text: str | list[str] | None = None, tokens: int = 512,
               base: QuantConfig | None = None) -> CalibrationReport:
-    """One forward pass over ``tokens`` tokens of ``text`` (default: the built-in calibration split)."""
+    """One forward pass over ``tokens`` tokens of each calibration text; statistics over all of them.
+
+    ``text``: a string, a list of strings (each prefilled on its own, its keys and values pooled), or ``None``
+    for the default mix: ``tokens`` tokens of the calibration part of each text in
+    :data:`kvforge.texts.CALIBRATION_MIX` (technical, legal and narrative prose), so the recommendation does
+    not follow one style of text. Raises ``ValueError`` when a text has fewer than ``key_group`` tokens.
+    """
     from .. import run
     from ..layers import dense_kv
     from ..models import layer_types
-    from ..texts import load_text
+    from ..texts import CALIBRATION_MIX, load_text
 
     base = base or QuantConfig()
     if text is None:
-        text = load_text("pydoc", "calibration")
-    ids = run.encode(tokenizer, text)[:, :tokens]
-    if ids.shape[1] < base.key_group:
-        raise ValueError(f"calibration needs at least {base.key_group} tokens; the text has {ids.shape[1]}")
-    cache = run.new_cache(model)
-    run.prefill(model, ids.to(run.model_device(model)), cache)
+        text = [load_text(name, "calibration") for name in CALIBRATION_MIX]
+    pooled: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    count = 0
+    for t in [text] if isinstance(text, str) else text:
+        ids = run.encode(tokenizer, t)[:, :tokens]
+        n = ids.shape[1] // base.key_group * base.key_group
+        if n == 0:
+            raise ValueError(f"calibration needs at least {base.key_group} tokens per text; one has {ids.shape[1]}")
+        cache = run.new_cache(model)
+        run.prefill(model, ids.to(run.model_device(model)), cache)
+        pooled.append([tuple(x[:, :, :n] for x in dense_kv(layer)) for layer in cache.layers])
+        count += ids.shape[1]
     report = None
-    for i, (layer, kind) in enumerate(zip(cache.layers, layer_types(model))):
-        k, v = dense_kv(layer)
+    for i, kind in enumerate(layer_types(model)):
+        k = torch.cat([p[i][0] for p in pooled], dim=2)
+        v = torch.cat([p[i][1] for p in pooled], dim=2)
         if report is None:
             base = base.replace(value_group=min(base.value_group, k.shape[-1]))
-            report = CalibrationReport(getattr(model, "kvforge_name", model.config.name_or_path), ids.shape[1], base)
+            report = CalibrationReport(getattr(model, "kvforge_name", model.config.name_or_path), count, base)
         kc = k.float().abs().amax(dim=(0, 2)).flatten()  # per (head, channel)
         vc = v.float().abs().amax(dim=(0, 2)).flatten()
         kmed, vmed = kc.median().clamp_min(1e-12), vc.median().clamp_min(1e-12)
