@@ -51,7 +51,7 @@ PROMPT = "The history of the Python programming language begins"
 COMBO_RATIO = 2.0
 COMBO_CACHES = ["kvforge-quant:preset=safe,rotate=none,fused=off",
                 "kvforge-quant:key_bits=3,value_bits=3,key_group=32,rotate=none,fused=off"]
-QUANT_BASELINES = ["kvforge-quant:preset=2bit", "kvforge-quant:preset=2bit-tight"]
+QUANT_BASELINES = ["kvforge-quant:preset=2bit", "kvforge-quant:preset=aggressive"]
 
 
 def extra_peak_bytes(fn) -> int:

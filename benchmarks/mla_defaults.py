@@ -38,12 +38,14 @@ def OLD_PYDOC_CALIBRATION() -> str:  # noqa: N802 - the text the old default rea
 
 # name -> (calibration texts, output_aware, key_weight, calibration pieces); "old" is the default before
 # issue 17 (32 pieces of the pydoc text's first fifth, as the calibration part was then), "new" the default
-# after it
+# after it (mix-kw1)
 CANDIDATES = {
     "old": ("pydoc-old", None, 1.5, 32),
     "mix": ("mix", None, 1.5, 32),
     "mix-kw1": ("mix", None, 1.0, 32),
     "mix-kw2": ("mix", None, 2.0, 32),
+    "mix-kw0.75": ("mix", None, 0.75, 32),
+    "mix-kw0.5": ("mix", None, 0.5, 32),
     "mix-plain": ("mix", False, 1.5, 32),
     "mix-24": ("mix", None, 1.5, 24),
 }
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--split", choices=["choose", "eval"], default="choose")
     ap.add_argument("--texts", default=None, help="default: pydoc,kjv for choose, all for eval")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"of {', '.join(CANDIDATES)}")
-    ap.add_argument("--new", default="mix", help="the candidate that is the new default (reported as 'new')")
+    ap.add_argument("--new", default="mix-kw1", help="the candidate that is the new default (reported as 'new')")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     CANDIDATES["new"] = CANDIDATES[args.new]

@@ -38,9 +38,9 @@ from kvforge.texts import load_text  # noqa: E402
 
 DEFAULT = ",".join([
     "kvforge-quant:preset=safe", "kvforge-quant:preset=balanced", "kvforge-quant:preset=compact",
-    "kvforge-quant:preset=aggressive", "kvforge-quant:preset=2bit", "kvforge-quant:preset=2bit-tight",
+    "kvforge-quant:preset=aggressive", "kvforge-quant:preset=2bit",
     # the rotation's effect, on and off
-    "kvforge-quant:preset=safe,rotate=none", "kvforge-quant:preset=2bit,rotate=none",
+    "kvforge-quant:preset=safe,rotate=keys", "kvforge-quant:preset=2bit,rotate=none",
     "tiny-turboquant:preset=safe", "tiny-turboquant:preset=balanced", "tiny-turboquant:preset=compact",
     "tiny-turboquant:preset=aggressive", "hf-quantized:nbits=4", "hf-quantized:nbits=2",
 ])

@@ -49,7 +49,7 @@ def _spec(name: str) -> tuple[str, bool]:
     """A short name (a preset, ``dynamic``) or a full spec -> (spec, kernel on)."""
     torch_path = name.endswith(TORCH)
     name = name.removesuffix(TORCH)
-    spec = f"kvforge-quant:preset={name}" if name in (*PRESETS, "compact", "aggressive", "2bit-tight") else name
+    spec = f"kvforge-quant:preset={name}" if name in (*PRESETS, "compact", "aggressive") else name
     return spec, not torch_path
 
 

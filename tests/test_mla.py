@@ -89,7 +89,10 @@ def test_output_aware_factors_minimise_the_weighted_error_with_orthonormal_up(ti
         stats = calibrate(model, tok, CAL)
     a0 = attention_modules(model)[0]
     w = torch.cat([a0.k_proj.weight, a0.v_proj.weight]).double()
-    left = _left_weights(a0, stats, 0, "joint", None, 1.5)["kv"]
+    import inspect
+
+    default_key_weight = inspect.signature(convert).parameters["key_weight"].default
+    left = _left_weights(a0, stats, 0, "joint", None, default_key_weight)["kv"]
     chol = torch.linalg.cholesky(stats["cov"][0] + 1e-6 * torch.eye(w.shape[1], dtype=torch.float64))
     rank = w.shape[0] // 2
 

@@ -65,6 +65,23 @@ def test_rotation_is_orthogonal_and_spreads_outlier_channels():
     assert score_err(rot) < 0.9 * score_err(plain)
 
 
+def test_presets_fit_their_byte_budgets_at_2k_tokens():
+    """The targets the presets were chosen under (issue 17): at 2,048 tokens of a model with 64-wide heads,
+    ``safe`` at least 3.2x and ``2bit`` at least 5x smaller than float16, with the window at its fullest."""
+    fp16 = 2 * 2 * 64  # key + value bytes per token per KV head
+
+    def ratio(cfg):
+        window = cfg.residual_length
+        held = ((2048 - window) * cfg.bytes_per_token(1, 64) + window * fp16) / 2048
+        return fp16 / held
+
+    assert ratio(PRESETS["safe"]) >= 3.2 and ratio(PRESETS["2bit"]) >= 5.0
+    sizes = [ratio(PRESETS[p]) for p in ("safe", "balanced", "compact", "aggressive", "2bit")]
+    assert sizes == sorted(sizes)  # each preset is smaller than the one before it
+    with pytest.raises(ValueError, match="2bit-tight.*removed.*key_group=32"):
+        resolve_config("2bit-tight")
+
+
 def test_config_validation_and_presets():
     assert set(PRESETS) >= {"safe", "balanced", "compact", "aggressive", "2bit"}
     assert (PRESETS["safe"].key_bits, PRESETS["safe"].value_bits) == (4, 4)
