@@ -35,6 +35,7 @@ def test_pydoc_calibration_part_drops_the_paragraphs_repeated_in_its_evaluation_
     assert texts.overlap(head, ev) > 0.3  # CPython's help text repeats itself across topics ...
     assert texts.overlap(cal, ev) < 0.02  # ... which the calibration part leaves out
     assert ev == texts.pydoc_text()[len(head):]  # the evaluation part is the one every earlier number used
+    assert texts.load_text("pydoc", "all") == texts.pydoc_text()  # "all" is the whole text (FINDINGS' protocol)
 
 
 def test_no_corpus_is_near_duplicated_in_another(parts):

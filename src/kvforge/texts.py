@@ -118,18 +118,19 @@ SOURCES = tuple(DESCRIPTIONS)
 
 
 @cache
-def _parts(source: str) -> tuple[str, str]:
-    """``(calibration, eval)`` text of a named source."""
+def _parts(source: str) -> tuple[str, str, str]:
+    """``(calibration, eval, all)`` text of a named source (``all``: the whole text in its own order)."""
     if source == "pydoc":
-        return _char_split(pydoc_text())
+        text = pydoc_text()
+        return (*_char_split(text), text)
     if source == "licenses":
         cal, ev = _licenses()
-    else:
-        docs = {"kjv": _kjv, "fortunes": _fortunes, "jargon": _jargon}[source]()
-        docs = _distinct(docs)
-        cal = [d for i, d in enumerate(docs) if i % 5 == 4]
-        ev = [d for i, d in enumerate(docs) if i % 5 != 4]
-    return "\n\n".join(cal), "\n\n".join(ev)
+        return "\n\n".join(cal), "\n\n".join(ev), "\n\n".join(cal + ev)
+    docs = {"kjv": _kjv, "fortunes": _fortunes, "jargon": _jargon}[source]()
+    docs = _distinct(docs)
+    cal = [d for i, d in enumerate(docs) if i % 5 == 4]
+    ev = [d for i, d in enumerate(docs) if i % 5 != 4]
+    return "\n\n".join(cal), "\n\n".join(ev), "\n\n".join(docs)
 
 
 def _distinct(docs: list[str]) -> list[str]:
@@ -156,8 +157,7 @@ def load_text(source: str = "pydoc", split: str = "eval") -> str:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     if source in SOURCES:
-        cal, ev = _parts(source)
-        return {"calibration": cal, "eval": ev, "all": cal + "\n\n" + ev}[split]
+        return _parts(source)[SPLITS.index(split)]
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"text source {source!r}: not a named source ({', '.join(SOURCES)}) and no such file")
