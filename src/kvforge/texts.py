@@ -99,7 +99,7 @@ def _fortunes() -> list[str]:
 
 
 def _jargon() -> list[str]:
-    """The Jargon File's text, one document per blank-line-separated block after the front matter."""
+    """The Jargon File's text (the Debian package's plain-text rendering), one document per blank-line-separated block."""
     with gzip.open(_need(JARGON, "jargon", "jargon-text"), "rt", encoding="utf-8") as f:
         text = html.unescape(f.read())
     text = re.sub(r"^[\s═─━]+$", "", text, flags=re.M)  # the box-drawing rules between sections

@@ -68,6 +68,8 @@ def add_commands(sub) -> None:
     p.add_argument("--needle-lengths", type=_csv(int), default=[512, 1024], help="haystack lengths in tokens")
     p.add_argument("--needle-trials", type=int, default=1, help="needles per length and depth")
     p.add_argument("--single-pass", action="store_true", help="also report single-pass perplexity")
+    p.add_argument("--size-tokens", type=int, default=2048,
+                   help="also measure bytes held after a prefill of this many tokens of the texts (0: skip; default 2048)")
     p.add_argument("--variants", type=_csv(str), default=[],
                    help="converted model directories of the same base (kvforge mla convert), run with every cache")
     p.set_defaults(func=cmd_bench)

@@ -58,6 +58,8 @@ class BenchSettings:
         from ..texts import text_names
 
         text_names(self.text)  # an unknown text fails before any model work
+        if self.size_tokens < 0:
+            raise ValueError(f"size_tokens must be >= 0 (0 skips the size measurement), got {self.size_tokens}")
         for c in self.caches:
             parse_spec(c)  # unknown specs fail before any model work
         for v in self.variants:
