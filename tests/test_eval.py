@@ -205,6 +205,11 @@ def test_bench_over_several_texts_reports_each_the_mean_and_the_worst(tiny_llama
     assert (out / "quality_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="unknown text"):
         BenchSettings(model="m", caches=["dynamic"], text="pydoc,no-such-text").validate()
+    short = tmp_path / "short.txt"
+    short.write_text("too short to cut a window from")
+    s.text = f"{files[0]},{short}"
+    with pytest.raises(ValueError, match="text '.*short.txt'.*tokens"):
+        run_bench(s, tmp_path / "results", model=model, tokenizer=tok)
 
 
 def test_bench_rejects_bad_settings():

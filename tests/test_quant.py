@@ -80,6 +80,16 @@ def test_presets_fit_their_byte_budgets_at_2k_tokens():
     assert sizes == sorted(sizes)  # each preset is smaller than the one before it
     with pytest.raises(ValueError, match="2bit-tight.*removed.*key_group=32"):
         resolve_config("2bit-tight")
+    from kvforge.eval import BenchSettings
+    from kvforge.specs import parse_spec
+
+    # refused when the spec is parsed, so a bench or an eval fails before any model work
+    for bad, why in [("preset=2bit-tight", "removed"), ("preset=safe,key_bits=2", "not both"),
+                     ("key_bits=4,value_bits=4,residual=10", "multiple of key_group"), ("fused=maybe", "auto, on or off")]:
+        with pytest.raises(ValueError, match=why):
+            parse_spec(f"kvforge-quant:{bad}")
+    with pytest.raises(ValueError, match="removed"):
+        BenchSettings(model="m", caches=["kvforge-quant:preset=2bit-tight"]).validate()
 
 
 def test_config_validation_and_presets():

@@ -79,6 +79,14 @@ def test_text_names_expand_groups_and_refuse_unknown_names(tmp_path):
         texts.load_text("pydoc", "train")
 
 
+def test_a_user_file_whose_first_fifth_only_repeats_the_rest_has_no_calibration_part(tmp_path):
+    f = tmp_path / "repeats.txt"
+    f.write_text("\n\n".join(["the same paragraph of a templated file, again and again and again"] * 200))
+    assert texts.load_text(str(f), "eval")
+    with pytest.raises(ValueError, match="calibration part is empty"):
+        texts.load_text(str(f), "calibration")
+
+
 def test_a_missing_package_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(texts, "JARGON", tmp_path / "absent.txt.gz")
     texts._parts.cache_clear()

@@ -40,6 +40,9 @@ class CacheKind:
     hint: str = ""  # how to install them
     restorable: bool = True  # an exported state imports back into a fresh cache and continues exactly
     types: dict[str, str] = field(default_factory=dict)  # declared type names of parameters whose default is None
+    # check(**params) raises ValueError for values no build would accept (an unknown preset), so that a bad
+    # spec fails when it is parsed, before any model work
+    check: Callable[..., None] | None = None
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if not _importable(m)]
@@ -56,13 +59,15 @@ _REGISTRY: dict[str, CacheKind] = {}
 
 
 def register(name: str, defaults: dict[str, Any] | type, description: str, requires=(), hint: str = "",
-             restorable: bool = True):
+             restorable: bool = True, check: Callable[..., None] | None = None):
     """Decorator registering ``fn(model, **params) -> Cache`` under spec name ``name``.
 
     ``defaults`` is a dict of parameter defaults or a dataclass whose fields are the parameters (a
     setting is then declared once, in that dataclass). ``restorable=False`` declares that a state
     exported from this cache cannot be imported back to continue exactly (a peer whose codes are not
-    public, a diagnostic): the server's prefix store refuses such a spec at start-up.
+    public, a diagnostic): the server's prefix store refuses such a spec at start-up. ``check(**params)``
+    (optional) raises ``ValueError`` for parameter values that no build would accept; :func:`parse_spec`
+    calls it.
     """
     types = {}
     if isinstance(defaults, type) and dataclasses.is_dataclass(defaults):
@@ -70,7 +75,8 @@ def register(name: str, defaults: dict[str, Any] | type, description: str, requi
         defaults = {f.name: f.default for f in dataclasses.fields(defaults)}
 
     def wrap(fn):
-        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint, restorable, types)
+        _REGISTRY[name] = CacheKind(name, fn, dict(defaults), description, tuple(requires), hint, restorable, types,
+                                    check)
         return fn
 
     return wrap
@@ -174,6 +180,8 @@ def parse_spec(spec: str | CacheSpec) -> CacheSpec:
                 f"cache spec {name!r} has no parameter {key!r}; parameters: {', '.join(kind.defaults) or 'none'}"
             )
         params[key] = _coerce(value, kind.defaults[key], key, name, kind.types.get(key, ""))
+    if kind.check is not None:
+        kind.check(**{**kind.defaults, **params})
     return CacheSpec(name, params)
 
 

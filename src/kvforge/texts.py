@@ -166,7 +166,11 @@ def load_text(source: str = "pydoc", split: str = "eval") -> str:
         raise ValueError(f"text source {source!r} is empty")
     if split == "all":
         return text
-    return _char_split(text)[split == "eval"]
+    part = _char_split(text)[split == "eval"]
+    if not part.strip():
+        raise ValueError(f"text source {source!r}: its {split} part is empty (the calibration part is the first 20% "
+                         "less the paragraphs repeated in the rest; this file's first 20% only repeats it)")
+    return part
 
 
 def text_names(spec: str | list[str]) -> list[str]:

@@ -33,14 +33,15 @@ def cmd_recommend(args) -> int:
     from ..quant.calibrate import BITS, calibrate
     from ..texts import calibration_text, text_names
 
-    texts = [calibration_text(name) for name in text_names(args.text)]
+    names = text_names(args.text)
+    texts = [calibration_text(name) for name in names]
     model, tok = load_model(args.model, dtype=args.dtype)
     report = calibrate(model, tok, text=texts, tokens=args.tokens)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps({**report.to_dict(), "texts": names}, indent=1))
         return 0
     bits = "/".join(str(b) for b in BITS[:3])
-    t = Table(title=f"{report.model}: calibration on {report.tokens} tokens, mode {args.mode}")
+    t = Table(title=f"{report.model}: calibration on {report.tokens} tokens of {', '.join(names)}, mode {args.mode}")
     for col in ("layer", "type", "|k| max", "k outlier x", "|v| max", "v outlier x", f"k err % @{bits}b",
                 f"v err % @{bits}b", "recommended"):
         t.add_column(col, justify="right")
@@ -50,5 +51,7 @@ def cmd_recommend(args) -> int:
     con.print(t)
     s = report.summary(args.mode)
     con.print(f"mean bits: keys {s['mean_key_bits']:.2f}, values {s['mean_value_bits']:.2f}. "
-              f"Use it: QuantizedKVCache.from_model(model, tokenizer, mode={args.mode!r})")
+              f"Use it: QuantizedKVCache.from_model(model, tokenizer, mode={args.mode!r}"
+              + ("" if args.text == "mix" else ", text=[kvforge.texts.calibration_text(n) for n in "
+                 f"{names!r}]") + ")")
     return 0

@@ -114,7 +114,12 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
     texts = {name: load_text(name, settings.split) for name in names}
     # the same windows, prompts and needles for every cache (all cut before the first cache runs, so a text
     # that is too short fails before any work)
-    windows = {n: token_windows(tokenizer, t, settings.windows, settings.context + settings.score) for n, t in texts.items()}
+    windows = {}
+    for n, t in texts.items():
+        try:
+            windows[n] = token_windows(tokenizer, t, settings.windows, settings.context + settings.score)
+        except ValueError as e:
+            raise ValueError(f"text {n!r}: {e}") from None
     size_ids = None
     if settings.size_tokens:
         size_ids = token_windows(tokenizer, "\n\n".join(texts.values()), 1, settings.size_tokens)[0]

@@ -38,12 +38,24 @@ def _switch(name: str, value):
         raise ValueError(f"{name}={value!r}; choose auto, on or off") from None
 
 
+def check(preset, protect_first, protect_last, fused, **overrides) -> None:
+    """What :func:`build` would refuse, refused when the spec is parsed (an unknown or removed preset, a
+    preset with explicit bits, impossible groups): the same ``ValueError`` messages."""
+    from .config import resolve_config
+
+    _switch("fused", fused)
+    config = {ALIASES.get(k, k): v for k, v in overrides.items()}
+    bits = config.get("key_bits") is not None or config.get("value_bits") is not None
+    resolve_config(preset or (None if bits else "safe"), **config)
+
+
 @register(
     "kvforge-quant",
     QuantSpec,
     "kvforge's KIVI-layout quantized cache: presets "
     + ", ".join(f"{k} ({v})" for k, v in PRESET_HELP.items())
     + "; or key_bits/value_bits in 2,3,4,8; rotate=none|keys|both; fused=auto|on|off",
+    check=check,
 )
 def build(model, preset, protect_first, protect_last, fused, **overrides):
     from .cache import QuantizedKVCache
