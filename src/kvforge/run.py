@@ -92,7 +92,8 @@ def token_windows(tokenizer, text: str, n_windows: int, window: int, stride: int
     need = (n_windows - 1) * stride + body
     if ids.numel() < need:
         raise ValueError(
-            f"the text has {ids.numel()} tokens; {n_windows} windows of {window} (stride {stride}) need {need}"
+            f"the text has {ids.numel()} tokens; {n_windows} window{'s' if n_windows != 1 else ''} of {window} "
+            f"(stride {stride}) need {need}"
         )
     head = torch.tensor(prefix, dtype=torch.long)
     return [torch.cat([head, ids[i * stride : i * stride + body]])[None] for i in range(n_windows)]

@@ -86,7 +86,7 @@ def common(p, cache_default: str | None = "dynamic") -> None:
     p.add_argument("--cache", default=cache_default, required=cache_default is None,
                    help="cache spec (see `kvforge caches`), e.g. kvforge-quant:preset=balanced")
     p.add_argument("--text", default="pydoc", help=TEXT_HELP)
-    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"])
+    p.add_argument("--split", default="eval", choices=["eval", "calibration", "all"], help="part of each text")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
