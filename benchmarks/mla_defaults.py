@@ -27,14 +27,20 @@ from kvforge.eval import perplexity  # noqa: E402
 from kvforge.mla import compression, convert  # noqa: E402
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.run import token_windows  # noqa: E402
-from kvforge.texts import CALIBRATION_MIX, calibration_pieces, load_text, pydoc_text, text_names, text_pieces  # noqa: E402
+from kvforge.texts import (  # noqa: E402
+    CALIBRATION_MIX,
+    _split_point,  # the cut the calibration part starts from
+    calibration_pieces,
+    load_text,
+    pydoc_text,
+    text_names,
+    text_pieces,
+)
 
 
-def OLD_PYDOC_CALIBRATION() -> str:  # noqa: N802 - the text the old default read
+def OLD_PYDOC_CALIBRATION() -> str:  # noqa: N802 - the text the old default read: pydoc's whole first fifth
     text = pydoc_text()
-    cut = int(len(text) * 0.2)
-    nl = text.find("\n\n", cut)
-    return text[: nl if 0 <= nl < cut + 2000 else cut]
+    return text[: _split_point(text)]
 
 # name -> (calibration texts, output_aware, key_weight, calibration pieces); "old" is the default before
 # issue 17 (32 pieces of the pydoc text's first fifth, as the calibration part was then), "new" the default

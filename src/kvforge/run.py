@@ -76,12 +76,13 @@ def prompt_prefix(tokenizer) -> list[int]:
     return []
 
 
-def token_windows(tokenizer, text: str, n_windows: int, window: int, stride: int | None = None) -> list[torch.Tensor]:
+def token_windows(tokenizer, text: str, n_windows: int, window: int, stride: int | None = None,
+                  name: str = "") -> list[torch.Tensor]:
     """``n_windows`` windows of ``window`` token ids (``[1, window]`` each) from ``text``.
 
     Every window starts as the model's prompts do (with the tokenizer's prefix, e.g. ``<bos>``), followed
     by ``window - len(prefix)`` consecutive text tokens; window ``i`` starts at text token ``i * stride``.
-    Too little text raises ``ValueError``, never a silently smaller run.
+    Too little text raises ``ValueError`` (naming the text as ``name`` when given), never a silently smaller run.
     """
     prefix = prompt_prefix(tokenizer)
     body = window - len(prefix)
@@ -92,7 +93,7 @@ def token_windows(tokenizer, text: str, n_windows: int, window: int, stride: int
     need = (n_windows - 1) * stride + body
     if ids.numel() < need:
         raise ValueError(
-            f"the text has {ids.numel()} tokens; {n_windows} window{'s' if n_windows != 1 else ''} of {window} "
+            f"the text{f' {name!r}' if name else ''} has {ids.numel()} tokens; {n_windows} window{'s' if n_windows != 1 else ''} of {window} "
             f"(stride {stride}) need {need}"
         )
     head = torch.tensor(prefix, dtype=torch.long)

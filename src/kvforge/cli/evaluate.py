@@ -119,29 +119,20 @@ def _text(args) -> str:
     return load_text(names[0], args.split)
 
 
-def _windows(tok, name: str, text: str, n: int, length: int):
-    """``token_windows`` with the text's name in the error when it is too short."""
-    from ..run import token_windows
-
-    try:
-        return token_windows(tok, text, n, length)
-    except ValueError as e:
-        raise ValueError(f"text {name!r}: {e}") from None
-
-
 def _print(result, as_json: bool, lines: list[str]) -> None:
     print(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(lines))
 
 
 def cmd_ppl(args) -> int:
-    from ..eval import perplexity
+    from ..eval import perplexity, token_windows
     from ..models import size_vs_fp16
     from ..texts import load_text, text_names
 
     names = text_names(args.text)
     model, tok = _load(args)
     # every text's windows are cut before any scoring, so a text that is too short fails first
-    windows = {n: _windows(tok, n, load_text(n, args.split), args.windows, args.context + args.score) for n in names}
+    windows = {n: token_windows(tok, load_text(n, args.split), args.windows, args.context + args.score, name=n)
+               for n in names}
     lines, out, changes = [], {}, {}
     for name in names:
         kw = dict(windows=windows[name], context=args.context, score=args.score, chunk=args.chunk,

@@ -89,14 +89,16 @@ def _variant(path: str, base):
 
 
 @torch.inference_mode()
-def _size_at(model, spec, ids) -> float:
-    """Bytes per token a fresh cache of ``spec`` holds after a prefill of ``ids``."""
+def _size_at(model, spec, ids) -> dict:
+    """Bytes per token a fresh cache of ``spec`` holds after a prefill of ``ids``, and a float16 cache's."""
+    from ..models import kv_bytes_fp16
     from ..run import model_device, prefill
     from ..specs import cache_nbytes
 
     cache = spec.build(model)
     prefill(model, ids.to(model_device(model)), cache)
-    return cache_nbytes(cache) / ids.shape[1]
+    n = ids.shape[1]
+    return {"tokens": n, "bytes_per_token": cache_nbytes(cache) / n, "fp16_bytes_per_token": kv_bytes_fp16(model, n) / n}
 
 
 def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=None, tokenizer=None) -> Path:
@@ -114,12 +116,8 @@ def run_bench(settings: BenchSettings, out_root: str | Path = "results", model=N
     texts = {name: load_text(name, settings.split) for name in names}
     # the same windows, prompts and needles for every cache (all cut before the first cache runs, so a text
     # that is too short fails before any work)
-    windows = {}
-    for n, t in texts.items():
-        try:
-            windows[n] = token_windows(tokenizer, t, settings.windows, settings.context + settings.score)
-        except ValueError as e:
-            raise ValueError(f"text {n!r}: {e}") from None
+    windows = {n: token_windows(tokenizer, t, settings.windows, settings.context + settings.score, name=n)
+               for n, t in texts.items()}
     size_ids = None
     if settings.size_tokens:
         size_ids = token_windows(tokenizer, "\n\n".join(texts.values()), 1, settings.size_tokens)[0]
@@ -145,11 +143,7 @@ def _text_rows(settings, models, caches, tokenizer, name, text, windows, size_id
         t0 = time.perf_counter()
         try:
             if size_ids is not None:
-                from ..models import kv_bytes_fp16
-
-                n = size_ids.shape[1]
-                row["size"] = {"tokens": n, "bytes_per_token": _size_at(model, spec, size_ids),
-                               "fp16_bytes_per_token": kv_bytes_fp16(model, n) / n}
+                row["size"] = _size_at(model, spec, size_ids)
             if "ppl" in settings.metrics:
                 res = perplexity(model, tokenizer, spec, windows=windows, context=settings.context,
                                  score=settings.score, chunk=settings.chunk, baseline=baseline)

@@ -56,9 +56,7 @@ class QuantizedKVCache(Cache):
                 raise ValueError(f"per_layer has {len(per_layer)} entries; the model has {n} layers")
             configs = list(per_layer)
         else:
-            if preset is None and overrides.get("key_bits") is None and overrides.get("value_bits") is None:
-                preset = "safe"
-            cfg = resolve_config(preset, **overrides)
+            cfg = resolve_config(preset, default_preset="safe", **overrides)
             configs = [cfg] * n
         protected = set()
         for i in protected_layers:

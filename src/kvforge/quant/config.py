@@ -116,14 +116,17 @@ def preset_spec(config: QuantConfig) -> str:
                                        for f in fields_)
 
 
-def resolve_config(preset: str | None = None, **explicit) -> QuantConfig:
-    """A preset, or explicit settings; both at once for the bits raises ``ValueError``."""
+def resolve_config(preset: str | None = None, default_preset: str | None = None, **explicit) -> QuantConfig:
+    """A preset, or explicit settings; both at once for the bits raises ``ValueError``. ``default_preset`` is
+    used when neither a preset nor any bits are given."""
     known = {f.name for f in fields(QuantConfig)}
     unknown = sorted(set(explicit) - known)
     if unknown:
         raise ValueError(f"unknown quantization setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     explicit = {k: v for k, v in explicit.items() if v is not None}
     bits_given = {"key_bits", "value_bits"} & set(explicit)
+    if preset is None and not bits_given:
+        preset = default_preset
     if preset is not None and bits_given:
         raise ValueError(f"give either preset={preset!r} or explicit bits ({', '.join(sorted(bits_given))}), not both")
     if preset is None:

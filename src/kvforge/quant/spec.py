@@ -44,9 +44,7 @@ def check(preset, protect_first, protect_last, fused, **overrides) -> None:
     from .config import resolve_config
 
     _switch("fused", fused)
-    config = {ALIASES.get(k, k): v for k, v in overrides.items()}
-    bits = config.get("key_bits") is not None or config.get("value_bits") is not None
-    resolve_config(preset or (None if bits else "safe"), **config)
+    resolve_config(preset or None, default_preset="safe", **{ALIASES.get(k, k): v for k, v in overrides.items()})
 
 
 @register(
