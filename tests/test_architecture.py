@@ -19,7 +19,7 @@ FOUNDATION = {"kvforge", "kvforge._capabilities", "kvforge._compat", "kvforge.mo
               "kvforge.progress", "kvforge.texts", "kvforge.plots", "kvforge.generate", "kvforge.artifacts",
               "kvforge.describe"}
 CAPABILITIES = ("kvforge.cache", "kvforge.peers", "kvforge.quant", "kvforge.mla", "kvforge.translate", "kvforge.eval",
-                "kvforge.serve", "kvforge.cli", "kvforge.demo")
+                "kvforge.serve", "kvforge.integrations", "kvforge.cli", "kvforge.demo")
 MAX_LINES = 400
 
 
@@ -76,8 +76,8 @@ def test_every_module_is_foundation_or_capability():
 
 def test_capabilities_do_not_import_each_others_internals():
     """A capability may use another's public package (``kvforge.quant``), never its modules, and the
-    foundation and eval/serve/cli sit on top: only eval, serve, cli and demo may use other capabilities."""
-    users = ("kvforge.eval", "kvforge.serve", "kvforge.cli", "kvforge.demo")
+    foundation and eval/serve/integrations/cli sit on top: only they and demo may use other capabilities."""
+    users = ("kvforge.eval", "kvforge.serve", "kvforge.integrations", "kvforge.cli", "kvforge.demo")
     bad = []
     for mod, deps in GRAPH.items():
         cap = _capability(mod)

@@ -275,6 +275,12 @@ def fingerprint(model) -> str:
     cached = getattr(model, "_kvforge_fingerprint", None)
     if cached and cached[0] == key:
         return cached[1]
+    fp = _fingerprint(model, [(name, p.detach()) for name, p in params[:8] + params[-8:]])
+    model._kvforge_fingerprint = (key, fp)
+    return fp
+
+
+def _fingerprint(model, sampled: list[tuple[str, torch.Tensor]]) -> str:
     cfg = text_config(model)
     arch = {
         "model_type": cfg.model_type,
@@ -291,11 +297,48 @@ def fingerprint(model) -> str:
     if mla is not None:  # a latent-attention conversion: its cache layout is part of the architecture
         arch["mla"] = {"method": mla.method, "ranks": mla.ranks, "kept": mla.kept_pairs}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    for name, p in params[:8] + params[-8:]:
-        flat = p.detach().reshape(-1)
+    for name, p in sampled:
+        flat = p.reshape(-1)
         idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096))
         h.update(name.encode())
         h.update(flat[idx].to(torch.float32).cpu().numpy().tobytes())
-    fp = h.hexdigest()[:16]
-    model._kvforge_fingerprint = (key, fp)
-    return fp
+    return h.hexdigest()[:16]
+
+
+def load_skeleton(directory: str | Path, dtype: torch.dtype | str = torch.float32):
+    """A model's architecture on the meta device, with no weights in memory, and its :func:`fingerprint`.
+
+    For code that needs a model's facts (config, layer types, head sizes), the cache specs built for it and
+    its fingerprint, but never runs it: an engine that holds the weights itself (the vLLM connector,
+    :mod:`kvforge.integrations.vllm`). The fingerprint equals that of ``load_model(directory, dtype)``: the
+    sampled parameters are read from the directory's safetensors files and rounded to ``dtype``.
+
+    Raises :class:`ModelNotFoundError` for a directory without ``config.json`` and safetensors weights, and
+    for a converted (kvforge.mla) model, whose fingerprint needs its loader.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(resolve(str(directory)))
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").exists() or not files:
+        raise ModelNotFoundError(f"{path} is not a model directory with config.json and safetensors weights")
+    if converted_loader(path) is not None:
+        raise ModelNotFoundError(f"{path} is a kvforge conversion; load it with load_model")
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    model.eval()
+    params = list(model.named_parameters())
+    wanted = [name for name, _ in params[:8] + params[-8:]]
+    found: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for name in set(wanted) & set(st.keys()):
+                found[name] = st.get_tensor(name).to(dtype)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise ModelNotFoundError(f"{path}: the weights lack {', '.join(missing[:3])}: not this model's checkpoint")
+    model._kvforge_fingerprint = ((id(model), params[0][1].data_ptr()), _fingerprint(model, [(n, found[n]) for n in wanted]))
+    model.kvforge_name = str(directory)
+    return model

@@ -142,6 +142,16 @@ class PrefixStore:
         """Store a ``tokens``-token prefix when it is block-aligned, long enough and longer than the hit."""
         return tokens >= self.min_tokens and tokens % self.block == 0 and tokens > have
 
+    def holds(self, token_ids: list[int], salt: str | None = None) -> bool:
+        """Whether an entry for exactly ``token_ids`` under ``salt`` is stored (no read, no check: a cheap test
+        before storing the same prefix again)."""
+        with self._lock:
+            return self.backend.info(self._key(list(token_ids), salt_seed(salt))) is not None
+
+    @staticmethod
+    def _key(ids: list[int], seed: bytes) -> str:
+        return hashlib.sha256(seed + torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
+
     def put(self, state: KVState, salt: str | None = None, pin: bool = False) -> str | None:
         """Store ``state`` (a block-aligned prefix, made with this store's model and spec) under ``salt``;
         returns its key, or ``None`` when it is larger than the whole budget. ``pin``: never evict it
@@ -156,7 +166,7 @@ class PrefixStore:
             if pin:
                 raise ValueError(f"this prefix needs {nbytes:,} bytes, more than the store's budget {self.max_bytes:,}")
             return None
-        key = hashlib.sha256(seed + torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
+        key = self._key(ids, seed)
         with self._lock:
             if pin:
                 self._check_pin_fits(nbytes, key)
