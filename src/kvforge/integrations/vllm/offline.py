@@ -2,9 +2,10 @@
 
 ``python -m kvforge.integrations.vllm.offline JOB.json OUT.json`` (in the vLLM environment). The job:
 ``model`` (directory), ``extra`` (the connector's ``kv_connector_extra_config``; ``null``: no connector),
-``prompts`` (lists of token ids), ``max_tokens``, optional ``salts`` (one ``cache_salt`` per prompt),
+``prompts`` (lists of token ids), ``max_tokens`` (one for all, or one per prompt), optional ``salts`` (one ``cache_salt`` per prompt),
 ``dtype`` (default float32), ``max_model_len`` (4096), ``kv_space_gib`` (``VLLM_CPU_KVCACHE_SPACE``, 2),
-``prefix_caching`` (vLLM's own, default false so that every hit comes from the store). Prompts run one at a
+``prefix_caching`` (vLLM's own, default false so that every hit comes from the store), ``threads``
+(``OMP_NUM_THREADS``; vLLM's CPU build otherwise leaves one core to the front end). Prompts run one at a
 time; the output has each one's generated ids, its wall-clock seconds (with ``max_tokens`` 1, the time to
 the first token) and vLLM's count of cached prompt tokens, plus the start-up time and the connector's
 counters (the engine runs in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
@@ -22,6 +23,8 @@ import time
 def run(job: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_space_gib", 2)))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if job.get("threads"):
+        os.environ["OMP_NUM_THREADS"] = str(job["threads"])
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -37,13 +40,15 @@ def run(job: dict) -> dict:
               enforce_eager=True, seed=0)
     started = time.perf_counter() - t0
     salts = job.get("salts") or [None] * len(job["prompts"])
+    budgets = job.get("max_tokens", 16)
+    budgets = budgets if isinstance(budgets, list) else [budgets] * len(job["prompts"])
     results = []
-    for ids, salt in zip(job["prompts"], salts):
+    for ids, salt, budget in zip(job["prompts"], salts, budgets):
         prompt = TokensPrompt(prompt_token_ids=list(ids))
         if salt is not None:
             prompt["cache_salt"] = salt
         t = time.perf_counter()
-        out = llm.generate([prompt], SamplingParams(max_tokens=job.get("max_tokens", 16), temperature=0.0,
+        out = llm.generate([prompt], SamplingParams(max_tokens=budget, temperature=0.0,
                                                     ignore_eos=True), use_tqdm=False)[0]
         took = time.perf_counter() - t
         results.append({"tokens": list(out.outputs[0].token_ids), "seconds": took,

@@ -86,8 +86,12 @@ class PagedKV:
     def __init__(self, layout: BlockLayout):
         self.layout = layout
         self.block_numel = math.prod(layout.block_shape)
+        self._last: tuple | None = None  # the indices of the last call: every layer of a request reuses them
 
     def _index(self, block_ids: list[int], start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(block_ids), start, end, str(device))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         b = self.layout.block_size
         if end > len(block_ids) * b:
             raise ValueError(f"tokens up to {end} need {math.ceil(end / b)} blocks; the request has {len(block_ids)}")
@@ -96,7 +100,8 @@ class PagedKV:
         off = t % b
         keys = block[:, None, None] + self.layout.key_index[off]
         values = block[:, None, None] + self.layout.value_index[off]
-        return keys.to(device), values.to(device)
+        self._last = (key, (keys.to(device), values.to(device)))
+        return self._last[1]
 
     def read(self, cache: torch.Tensor, block_ids: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens ``start..end``, ``[kv_heads, tokens, head_dim]`` each (copies)."""
