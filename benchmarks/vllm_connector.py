@@ -121,13 +121,15 @@ def main(argv=None) -> int:
 
     model_dir = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    docs, fresh = [], []
+    docs, fresh, unseen = [], [], []  # stored by vLLM; vLLM's misses; kvforge serve's misses
     for name in texts:
         ids = tok(load_text(name, "eval"))["input_ids"]
-        if len(ids) < 3 * args.prefix_tokens:
-            raise SystemExit(f"text {name} has {len(ids)} tokens; {3 * args.prefix_tokens} are needed")
-        docs.append(ids[: args.prefix_tokens])
-        fresh.append(ids[2 * args.prefix_tokens: 3 * args.prefix_tokens])
+        p = args.prefix_tokens
+        if len(ids) < 4 * p:
+            raise SystemExit(f"text {name} has {len(ids)} tokens; {4 * p} are needed")
+        docs.append(ids[:p])
+        fresh.append(ids[2 * p: 3 * p])
+        unseen.append(ids[3 * p: 4 * p])
     qa, qb, qc = ([*tok(q)["input_ids"]] for q in QUESTIONS)
     warm = [docs[0][:64]]  # a short first request: one-off costs stay out of the timings
     n = len(docs)
@@ -155,12 +157,14 @@ def main(argv=None) -> int:
             r2 = second["results"]
             hits, misses = r2[1: 1 + n], r2[1 + n: 1 + 2 * n]
             entries = PrefixStore(skeleton, spec, redis.url).entries()
+            agree = [agreement([r["tokens"]], [ref]) for r, ref in zip(r2[1 + 2 * n:], reference)]
             row = {
                 "store_miss_ttft": med([r["seconds"] for r in first["results"][1:]]),
                 "hit_ttft": med([r["seconds"] for r in hits]), "miss_ttft": med([r["seconds"] for r in misses]),
                 "hit_cached_tokens": med([r["cached_tokens"] for r in hits]),
                 "miss_cached_tokens": med([r["cached_tokens"] for r in misses]),
                 "agreement": agreement([r["tokens"] for r in r2[1 + 2 * n:]], reference),
+                "agreement_per_text": dict(zip(texts, agree)),
                 "bytes_per_token": sum(e["bytes"] for e in entries) / sum(e["tokens"] for e in entries),
                 "connector": second["connector"],
             }
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             print(f"  hit TTFT {row['hit_ttft']:.3f} s ({row['hit_cached_tokens']:.0f} cached), miss {row['miss_ttft']:.3f} s "
                   f"({100 * row['hit_vs_miss']:.0f}%), {row['bytes_per_token']:.0f} B/token, agreement "
                   f"{100 * row['agreement']:.1f}%", flush=True)
-            row["kvforge_serve"] = serve_side(args.model, spec, redis.url, tok, docs, fresh, qc)
+            row["kvforge_serve"] = serve_side(args.model, spec, redis.url, tok, docs, unseen, qc)
             print(f"  kvforge serve: hit {row['kvforge_serve']['hit_ttft']:.3f} s "
                   f"({row['kvforge_serve']['hit_cached_tokens']:.0f} cached), miss {row['kvforge_serve']['miss_ttft']:.3f} s",
                   flush=True)
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
 
 def serve_side(model: str, spec: str, redis_url: str, tok, docs, fresh, question) -> dict:
     """``kvforge serve`` on the Redis store vLLM filled: TTFT of the documents (hits on vLLM's entries) and of
-    fresh documents (misses)."""
+    documents nobody stored (misses)."""
     server = Server(model, spec, "--kv-store", redis_url)
     out = {"hit": [], "miss": []}
 
@@ -259,6 +263,7 @@ def throughput(args, tok, model_dir: str) -> dict:
 
 def render(r: dict, meta: dict) -> str:
     s, m = meta["settings"], meta["machine"]
+    worst = {spec: min(x["agreement_per_text"].items(), key=lambda kv: kv[1]) for spec, x in r["specs"].items()}
     lines = [f"# kvforge's vLLM connector on {r['model']} ({m['platform']}, {m['cpu_count']} CPUs, {meta['started']})",
              "", f"A {r['prefix_tokens']}-token document prefix from each of {', '.join(r['texts'])}; time to first "
              f"token (TTFT, median over the texts) on a second vLLM instance that loads the prefix from Redis. "
@@ -274,6 +279,8 @@ def render(r: dict, meta: dict) -> str:
                      f"{x['hit_cached_tokens']:.0f} | {x['bytes_per_token']:,.0f} | "
                      f"{r['vllm_bytes_per_token'] / x['bytes_per_token']:.2f}x fewer | {100 * x['agreement']:.1f}% | "
                      f"{k['hit_ttft']:.3f} s ({k['hit_cached_tokens']:.0f} cached) | {k['miss_ttft']:.3f} s |")
+    lines += ["", "Lowest agreement per storage: " + "; ".join(f"{spec}: {100 * v:.1f}% ({t})"
+                                                        for spec, (t, v) in worst.items()) + "."]
     if r.get("throughput"):
         lines += ["", f"Throughput: {s['requests']} streaming completions of 48 prompt tokens and {s['max_tokens']} "
                   "greedy tokens each, one at a time and with concurrent clients (127.0.0.1).", "",
