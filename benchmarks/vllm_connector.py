@@ -19,7 +19,7 @@ through Redis (a throwaway ``redis-server`` on 127.0.0.1, one per storage spec):
 Time to first token is a request with ``max_tokens`` 1, one at a time; medians over the texts. vLLM runs
 with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``enforce_eager`` and ``--vllm-threads`` OpenMP threads.
 
-    make vllm-env && python benchmarks/vllm_connector.py          # ~15 min on 2 CPU cores
+    make vllm-env && python benchmarks/vllm_connector.py          # ~17 min on 2 CPU cores
 
 Each run writes a new folder under ``--out`` (default benchmarks/results): ``results.md``, ``results.json``.
 """
@@ -100,7 +100,8 @@ def med(xs) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--caches", default="dynamic,kvforge-quant:preset=safe", help="storage specs, comma-separated")
+    ap.add_argument("--caches", default="dynamic,kvforge-quant:preset=safe,kvforge-quant:key_bits=8,value_bits=4,"
+                    "kvforge-quant:key_bits=8,value_bits=8", help="storage specs, comma-separated")
     ap.add_argument("--texts", default="kjv,fortunes,jargon,licenses", help="one document per text")
     ap.add_argument("--prefix-tokens", type=int, default=2000)
     ap.add_argument("--agree-tokens", type=int, default=64)
