@@ -25,17 +25,40 @@ def test_config_defaults_and_values():
 
 @pytest.mark.parametrize("extra, words", [
     ({"stor": "memory"}, ["unknown", "stor", "known: store"]),
-    ({"block": "big"}, ["block='big'", "int"]),
+    ({"block": "big"}, ["block='big'", "an int"]),
     ({"block": True}, ["block=True"]),
-    ({"block": 0}, ["block"]),
-    ({"cache": "kvforge-quant:preset=nope"}, ["nope"]),
-    ({"cache": "no-such-cache"}, ["no-such-cache"]),
+    ({"block": 0}, ["block=0", ">= 1"]),
+    ({"cache": "kvforge-quant:preset=nope"}, ["cache='kvforge-quant:preset=nope'", "nope"]),
+    ({"cache": "no-such-cache"}, ["cache=", "no-such-cache"]),
+    ({"store": None}, ["store=None", "a str"]),
+    ({"store": "127.0.0.1:6379"}, ["store='127.0.0.1:6379'", "redis://"]),
+    ({"store": "redis:/127.0.0.1:6379"}, ["redis:/127.0.0.1"]),
+    ({"store": "http://127.0.0.1:6379"}, ["http://"]),
 ])
 def test_config_refuses_bad_settings_by_name(extra, words):
     with pytest.raises(ValueError) as e:
         ConnectorConfig.from_extra(extra)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("store", ["memory", "/tmp/kvforge-prefixes", "prefixes", "redis://127.0.0.1:6379/0",
+                                   "rediss://user:pw@host:6380", "unix:///run/redis.sock"])
+def test_config_takes_every_kind_of_store(store):
+    assert ConnectorConfig.from_extra({"store": store}).store == store
+
+
+def test_a_store_that_fails_is_a_miss_not_a_crash(caplog):
+    from kvforge.integrations.vllm.config import guarded, store_label
+
+    def down(*args, **kwargs):
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
+
+    with caplog.at_level("WARNING", logger="vllm.kvforge"):
+        assert guarded("the store lookup", down, [1, 2, 3], salt=None) is None
+    assert "treated as a miss" in caplog.text and "Connection refused" in caplog.text
+    assert guarded("a check", lambda: False) is False
+    assert store_label("redis://user:secret@host:6379/0") == "redis://***@host:6379/0"
 
 
 def test_version_guard():

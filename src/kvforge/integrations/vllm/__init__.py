@@ -7,7 +7,7 @@ Public API::
     TESTED_VLLM         the vLLM versions it was tested with; others get a warning at start-up
 
 Prompt prefixes computed by one vLLM instance are stored, in any restorable kvforge cache spec
-(``dynamic``, ``kvforge-quant:preset=safe``), in a kvforge prefix store (memory, directory or Redis) and
+(``dynamic``, ``kvforge-quant:key_bits=8,value_bits=4``), in a kvforge prefix store (memory, directory or Redis) and
 loaded into another instance's paged KV cache instead of being prefilled again. Entries are the same as
 ``kvforge serve``'s: namespaced by the model fingerprint and the cache spec, chained in blocks of 32 tokens
 under the request's ``cache_salt``, checksummed, so each finds the other's prefixes. Modelled on LMCache's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from dataclasses import dataclass
 
@@ -30,8 +31,9 @@ class ConnectorConfig:
     ``kvforge-quant:preset=safe``, ...): quantized on save, dequantized on load. ``store_bytes``: the store's
     budget (least recently used entries go first). ``block``: prefixes are hashed and matched in blocks of
     this many tokens; keep kvforge serve's 32 so that the two find each other's entries. ``min_tokens``:
-    shorter prefixes are neither stored nor loaded. ``model``: the model whose fingerprint namespaces the
-    entries (default: vLLM's model directory).
+    shorter prefixes are neither stored nor loaded (at least one block). ``model``: the model whose
+    fingerprint namespaces the entries (default: vLLM's model directory). Entries are shared with
+    ``kvforge serve`` when the spec string is the same, parameters in the same order.
     """
 
     store: str = "memory"
@@ -54,16 +56,39 @@ class ConnectorConfig:
         for key, raw in extra.items():
             kind = type(known[key].default)
             try:
-                if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not raw.is_integer()):
+                if raw is None or isinstance(raw, bool) or (kind is str and not isinstance(raw, str)) or (
+                        kind is int and isinstance(raw, float) and not raw.is_integer()):
                     raise TypeError
                 values[key] = kind(raw)
             except (TypeError, ValueError):
-                raise ValueError(f"kvforge connector: {key}={raw!r} is not a {kind.__name__}") from None
+                article = "an" if kind.__name__[0] in "aeiou" else "a"
+                raise ValueError(f"kvforge connector: {key}={raw!r} is not {article} {kind.__name__}") from None
         cfg = cls(**values)
-        if cfg.block < 1 or cfg.min_tokens < 0 or cfg.store_bytes < 1:
-            raise ValueError(f"kvforge connector: block, store_bytes must be >= 1 and min_tokens >= 0 (got {cfg})")
-        parse_spec(cfg.cache).check_restorable("the vLLM connector's store")
+        for key in ("block", "store_bytes", "min_tokens"):
+            if getattr(cfg, key) < (0 if key == "min_tokens" else 1):
+                raise ValueError(f"kvforge connector: {key}={getattr(cfg, key)} must be "
+                                 f"{'>= 0' if key == 'min_tokens' else '>= 1'}")
+        _check_store(cfg.store)
+        try:
+            parse_spec(cfg.cache).check_restorable("the vLLM connector's store")
+        except ValueError as e:
+            raise ValueError(f"kvforge connector: cache={cfg.cache!r}: {e}") from e
         return cfg
+
+
+def _check_store(store: str) -> None:
+    """Refuse a store that reads as a mistyped Redis address (it would silently become a local directory)."""
+    scheme = store.split("://", 1)[0].lower() if "://" in store else ""
+    looks_like_host = re.fullmatch(r"[\w.-]+:\d+(/\d+)?", store) is not None
+    if (scheme and scheme not in ("redis", "rediss", "unix")) or looks_like_host or (
+            not scheme and store.lower().startswith(("redis:", "rediss:"))):
+        raise ValueError(f"kvforge connector: store={store!r} is neither 'memory', a redis://HOST:PORT[/DB] URL nor a "
+                         "directory (did you mean redis://...?)")
+
+
+def store_label(location: str) -> str:
+    """``location`` for a log line, a Redis password masked."""
+    return re.sub(r"//[^@/]*@", "//***@", location)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -107,9 +132,19 @@ def open_store(cfg: ConnectorConfig, model_dir: str, dtype: torch.dtype) -> tupl
             store = PrefixStore(model, cfg.cache, cfg.store, max_bytes=cfg.store_bytes, block=cfg.block,
                                 min_tokens=cfg.min_tokens)
             log.info("kvforge connector: model %s (fingerprint %s), cache %s, store %s", model_dir,
-                     store.fingerprint, cfg.cache, store.location)
+                     store.fingerprint, cfg.cache, store_label(cfg.store))
             _OPEN[key] = (model, store)
         return _OPEN[key]
+
+
+def guarded(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or ``None`` when the store cannot be read (Redis down, a file gone): the request
+    is then served without it (a miss), with a warning, instead of stopping vLLM's scheduler."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any store failure is a miss, never a failed request
+        log.warning("kvforge connector: %s failed, treated as a miss: %s: %s", what, type(e).__name__, e)
+        return None
 
 
 def hand_over(req_id: str, state: KVState) -> None:

@@ -30,7 +30,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ...specs import build_cache
 from ...state import KVState
-from .config import ConnectorConfig, check_vllm_version, drop_handoff, hand_over, open_store, take_over
+from .config import (
+    ConnectorConfig,
+    check_vllm_version,
+    drop_handoff,
+    guarded,
+    hand_over,
+    open_store,
+    store_label,
+    take_over,
+)
 from .paged import PagedKV, PagedLayoutError, probe_layout
 
 if TYPE_CHECKING:
@@ -74,10 +83,11 @@ class KVForgeConnector(KVConnectorBase_V1):
 
     Configure with ``--kv-transfer-config '{"kv_connector": "KVForgeConnector", "kv_connector_module_path":
     "kvforge.integrations.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {"store":
-    "redis://127.0.0.1:6379", "cache": "kvforge-quant:preset=safe"}}'`` (settings:
+    "redis://127.0.0.1:6379", "cache": "kvforge-quant:key_bits=8,value_bits=4"}}'`` (settings:
     :class:`~kvforge.integrations.vllm.ConnectorConfig`). Raises ``ValueError`` at start-up for an unknown
     setting, a spec whose states cannot be restored, tensor parallelism, or a model with sliding-window
-    layers; :class:`~kvforge.integrations.vllm.paged.PagedLayoutError` for a KV cache it cannot read back.
+    layers (vLLM creates the connector after loading the weights); a store that cannot be read later is a
+    miss with a warning, never a failed request; :class:`~kvforge.integrations.vllm.paged.PagedLayoutError` for a KV cache it cannot read back.
     """
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config=None):
@@ -109,7 +119,7 @@ class KVForgeConnector(KVConnectorBase_V1):
         tracked = self._requests.setdefault(request.request_id, _Tracked(prompt, request.cache_salt))
         self.stats["lookups"] += 1
         # the last prompt token is always computed: its logits start the generation
-        hit = self.store.lookup(prompt, limit=len(prompt) - 1, salt=request.cache_salt)
+        hit = guarded("the store lookup", self.store.lookup, prompt, limit=len(prompt) - 1, salt=request.cache_salt)
         tracked.hit = hit.tokens if hit is not None else 0
         if hit is None or hit.tokens <= num_computed_tokens:
             return 0, False
@@ -156,8 +166,10 @@ class KVForgeConnector(KVConnectorBase_V1):
         if tracked.stored or computed + scheduled < len(tracked.prompt):
             return
         tracked.stored = True  # once per request
-        if n < self.store.min_tokens or n <= tracked.hit or self.store.holds(tracked.prompt[:n], tracked.salt):
+        if n < self.store.min_tokens or n <= tracked.hit:
             return
+        if guarded("the store check", self.store.holds, tracked.prompt[:n], tracked.salt) is not False:
+            return  # held already, or the store cannot be read
         meta.saves.append(Transfer(req_id, tracked.prompt[:n], 0, n, list(tracked.blocks), tracked.salt))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
@@ -197,7 +209,7 @@ class KVForgeConnector(KVConnectorBase_V1):
         for load in meta.loads:
             state = take_over(load.req_id)
             if state is None or state.num_tokens < load.end:
-                hit = self.store.lookup(load.token_ids, limit=load.end, salt=load.salt)
+                hit = guarded("the store read", self.store.lookup, load.token_ids, limit=load.end, salt=load.salt)
                 state = hit.state if hit is not None else None
             if state is None or state.num_tokens < load.end:
                 self._fail(load)
@@ -209,7 +221,7 @@ class KVForgeConnector(KVConnectorBase_V1):
                                   v[:, load.start:load.end])
             self.stats["loaded_tokens"] += load.end - load.start
             log.info("kvforge connector: loaded %d tokens (%d..%d) of request %s from %s", load.end - load.start,
-                     load.start, load.end, load.req_id, self.store.location)
+                     load.start, load.end, load.req_id, store_label(self.cfg.store))
 
     def _fail(self, load: Transfer) -> None:
         b = self.block_size
@@ -235,7 +247,7 @@ class KVForgeConnector(KVConnectorBase_V1):
                 continue
             self.stats["stored_prefixes"] += 1
             log.info("kvforge connector: stored %d tokens of request %s in %s", save.end, save.req_id,
-                     self.store.location)
+                     store_label(self.cfg.store))
 
     def encode(self, save: Transfer) -> KVState:
         """The state of ``save.token_ids`` read from vLLM's blocks, in the connector's cache spec."""

@@ -2,7 +2,7 @@
 
 ``python -m kvforge.integrations.vllm.offline JOB.json OUT.json`` (in the vLLM environment). The job:
 ``model`` (directory), ``extra`` (the connector's ``kv_connector_extra_config``; ``null``: no connector),
-``prompts`` (lists of token ids), ``max_tokens`` (one for all, or one per prompt), optional ``salts`` (one ``cache_salt`` per prompt),
+``prompts`` (lists of token ids), ``max_tokens`` (one for all, or one per prompt; default 16), optional ``salts`` (one ``cache_salt`` per prompt),
 ``dtype`` (default float32), ``max_model_len`` (4096), ``kv_space_gib`` (``VLLM_CPU_KVCACHE_SPACE``, 2),
 ``prefix_caching`` (vLLM's own, default false so that every hit comes from the store), ``threads``
 (``OMP_NUM_THREADS``; vLLM's CPU build otherwise leaves one core to the front end). Prompts run one at a
@@ -21,7 +21,8 @@ import time
 
 
 def run(job: dict) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_space_gib", 2)))
+    if "kv_space_gib" in job or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job.get("kv_space_gib", 2))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if job.get("threads"):
         os.environ["OMP_NUM_THREADS"] = str(job["threads"])
@@ -79,23 +80,6 @@ def _connector_stats(llm) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m kvforge.integrations.vllm.offline JOB.json OUT.json", file=sys.stderr)
-        return 2
-    with open(argv[0]) as f:
-        job = json.load(f)
-    result = run(job)
-    with open(argv[1], "w") as f:
-        json.dump(result, f)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def launch(python: str, job: dict, timeout: float = 900, log: str | None = None) -> dict:
     """Run ``job`` in a new process with ``python`` (the vLLM environment's interpreter); its result.
 
@@ -123,3 +107,20 @@ def launch(python: str, job: dict, timeout: float = 900, log: str | None = None)
             result = json.load(f)
         result["log"] = output
         return result
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m kvforge.integrations.vllm.offline JOB.json OUT.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        job = json.load(f)
+    result = run(job)
+    with open(argv[1], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
