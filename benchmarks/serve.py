@@ -51,18 +51,19 @@ QUANT = "kvforge-quant:preset=balanced"
 
 
 # ------------------------------------------------------------------------------------------ the server
-class Server:
-    """``kvforge serve`` in a subprocess on a free port of 127.0.0.1."""
+class Process:
+    """An HTTP server in a subprocess on a free port of 127.0.0.1, up once ``/health`` answers 200.
 
-    def __init__(self, model: str, cache: str, *extra: str):
+    ``command(port)`` gives its command line; ``env`` its environment (default: this one's)."""
+
+    def __init__(self, command, env: dict | None = None, timeout: float = 300, what: str = "the server"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "kvforge", "serve", "--model", model, "--cache", cache, "--host", "127.0.0.1",
-               "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
+        self.proc = subprocess.Popen(command(self.port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env)
+        deadline = time.time() + timeout
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
@@ -70,8 +71,23 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the server did not start: {self.proc.stdout.read()}")
+                raise RuntimeError(f"{what} did not start: {self.proc.stdout.read()[-3000:]}")
             time.sleep(0.5)
+
+    def stop(self, timeout: float = 30) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Server(Process):
+    """``kvforge serve`` in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, model: str, cache: str, *extra: str):
+        super().__init__(lambda port: [sys.executable, "-m", "kvforge", "serve", "--model", model, "--cache", cache,
+                                       "--host", "127.0.0.1", "--port", str(port), *extra])
 
     def rss(self) -> int:
         """Resident memory of the server process, bytes."""
@@ -85,14 +101,6 @@ class Server:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         return 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
 
 # ------------------------------------------------------------------------------------------ clients
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,

@@ -30,9 +30,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,7 @@ os.environ.setdefault("KVFORGE_QUIET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import httpx  # noqa: E402
-from serve import RedisServer, Server, run_load  # noqa: E402
+from serve import Process, RedisServer, Server, run_load  # noqa: E402
 
 from kvforge.integrations.vllm.offline import launch  # noqa: E402
 from kvforge.models import load_skeleton, resolve  # noqa: E402
@@ -55,36 +53,18 @@ QUESTIONS = ("\n\nQuestion: who speaks here?\nAnswer:", "\n\nQuestion: which nam
              "\n\nQuestion: what happens next?\nAnswer:")
 
 
-class VLLMServer:
+class VLLMServer(Process):
     """vLLM's OpenAI server (no connector) in a subprocess on a free port of 127.0.0.1."""
 
     def __init__(self, python: str, model_dir: str, name: str, threads: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(threads)}
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
-               "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--host", "127.0.0.1",
-               "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"vLLM's server did not start: {self.proc.stdout.read()[-3000:]}")
-            time.sleep(1)
+        super().__init__(lambda port: [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                                       "--served-model-name", name, "--dtype", "float32", "--max-model-len", "4096",
+                                       "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
+                         env=env, timeout=600, what="vLLM's server")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().stop(timeout=60)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:

@@ -48,6 +48,13 @@ def test_config_takes_every_kind_of_store(store):
     assert ConnectorConfig.from_extra({"store": store}).store == store
 
 
+def test_kvforge_serve_refuses_a_mistyped_redis_address_too(tiny_llama):
+    model, _ = tiny_llama
+    for location in ("127.0.0.1:6379", "redis:/127.0.0.1:6379", "http://127.0.0.1:6379"):
+        with pytest.raises(ValueError, match="redis://"):
+            PrefixStore(model, "dynamic", location)
+
+
 def test_a_store_that_fails_is_a_miss_not_a_crash(caplog):
     from kvforge.integrations.vllm.config import guarded, store_label
 

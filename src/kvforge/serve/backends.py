@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -272,6 +273,17 @@ class RedisBackend:
         return int(self.client.hlen(self._k("sizes")))
 
 
+def check_location(location: str) -> None:
+    """Refuse a store location that reads as a mistyped Redis address (``127.0.0.1:6379``, ``redis:/host``,
+    another URL scheme): taken as a directory it would silently share nothing."""
+    scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+    looks_like_host = re.fullmatch(r"[\w.-]+:\d+(/\d+)?", location) is not None
+    if (scheme and scheme not in ("redis", "rediss", "unix")) or looks_like_host or (
+            not scheme and location.lower().startswith(("redis:", "rediss:"))):
+        raise ValueError(f"prefix store {location!r} is neither 'memory', a redis://HOST:PORT[/DB] URL nor a "
+                         "directory (did you mean redis://...?)")
+
+
 def open_backend(location: str | None, namespace: str, block: int):
     if location in (None, "", "memory"):
         return MemoryBackend()
@@ -282,4 +294,5 @@ def open_backend(location: str | None, namespace: str, block: int):
             raise ValueError("a Redis prefix store needs the redis client: pip install 'kvforge[serve]'") from e
         except Exception as e:  # noqa: BLE001 - redis' connection errors; name the address
             raise ValueError(f"cannot reach the Redis prefix store at {location}: {e}") from e
+    check_location(location)
     return DirectoryBackend(location, namespace, block)

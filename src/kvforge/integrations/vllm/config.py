@@ -13,6 +13,7 @@ import torch
 
 from ...models import load_skeleton
 from ...serve import PrefixStore
+from ...serve.backends import check_location
 from ...specs import parse_spec
 from ...state import KVState
 
@@ -68,22 +69,16 @@ class ConnectorConfig:
             if getattr(cfg, key) < (0 if key == "min_tokens" else 1):
                 raise ValueError(f"kvforge connector: {key}={getattr(cfg, key)} must be "
                                  f"{'>= 0' if key == 'min_tokens' else '>= 1'}")
-        _check_store(cfg.store)
+        if cfg.store != "memory":
+            try:
+                check_location(cfg.store)
+            except ValueError as e:
+                raise ValueError(f"kvforge connector: store={cfg.store!r}: {e}") from e
         try:
             parse_spec(cfg.cache).check_restorable("the vLLM connector's store")
         except ValueError as e:
             raise ValueError(f"kvforge connector: cache={cfg.cache!r}: {e}") from e
         return cfg
-
-
-def _check_store(store: str) -> None:
-    """Refuse a store that reads as a mistyped Redis address (it would silently become a local directory)."""
-    scheme = store.split("://", 1)[0].lower() if "://" in store else ""
-    looks_like_host = re.fullmatch(r"[\w.-]+:\d+(/\d+)?", store) is not None
-    if (scheme and scheme not in ("redis", "rediss", "unix")) or looks_like_host or (
-            not scheme and store.lower().startswith(("redis:", "rediss:"))):
-        raise ValueError(f"kvforge connector: store={store!r} is neither 'memory', a redis://HOST:PORT[/DB] URL nor a "
-                         "directory (did you mean redis://...?)")
 
 
 def store_label(location: str) -> str:

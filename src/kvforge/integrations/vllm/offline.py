@@ -108,6 +108,7 @@ def launch(python: str, job: dict, timeout: float = 900, log: str | None = None)
         result["log"] = output
         return result
 
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
@@ -123,4 +124,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
