@@ -48,6 +48,9 @@ LINES = [
          env={"KVFORGE_CPU_KERNEL": "0"}),
     Line("kvforge-quant:key_bits=8,value_bits=8,rotate=both,fused=off," + SMALL,
          quality="kvforge-quant:key_bits=2,value_bits=2,rotate=both,fused=off," + SMALL, kl=0.3, atol=5e-3),
+    # attention-sink tokens and an 8-bit residual window: stored out of sequence order, read back in it
+    Line("kvforge-quant:key_bits=8,value_bits=8,sink=4,residual_bits=8," + SMALL,
+         quality="kvforge-quant:sink=4,residual_bits=8," + SMALL, kl=0.02, atol=5e-3),
     Line("hf-quantized:nbits=4,q_group_size=16,residual_length=16", quality="hf-quantized:nbits=4,q_group_size=16,residual_length=16",
          kl=0.1, atol=0.05, archs=("llama",),
          refuses={"restore": "hf-quantized", "crop": "cannot be cropped", "beam": "cannot reorder"}),

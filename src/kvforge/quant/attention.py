@@ -62,7 +62,7 @@ def quantized_attention(query: torch.Tensor, view, attention_mask, scaling: floa
         scores = torch.tanh(scores / softcap) * softcap
     neg = torch.finfo(scores.dtype).min
     if attention_mask is not None:
-        mask = attention_mask[..., -kv:]
+        mask = view.kernel_order(attention_mask[..., -kv:])
         mask = mask[:, :, None].expand(mask.shape[0], 1, rep, length, kv).reshape(mask.shape[0], 1, m, kv)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, neg)

@@ -25,6 +25,14 @@ class QuantConfig:
         rotated the same way, so attention scores are unchanged); "both" also rotates values (the
         attention output is rotated back); "none" is plain KIVI.
     residual_dtype: storage of the full-precision window ("float16", "bfloat16", or "model").
+    residual_bits: 16 keeps the residual window (and the sink tokens) in ``residual_dtype``; 8 stores them as
+        8-bit codes per token, with a float16 scale and zero point per 32 channels (keys and values alike),
+        half the bytes of float16 at a small fraction of 4-bit's error. Attention reads them dequantized.
+    sink: the first ``sink`` tokens of a full-attention layer are kept out of the quantized part, at the
+        residual window's precision, for as long as the layer holds them. Models put very large attention
+        weights on the first tokens (attention sinks: StreamingLLM, Xiao et al. 2024; IntactKV, Liu et al.
+        2024), so their keys and values matter most, and the first key group's per-channel ranges are no
+        longer stretched by them. Sliding-window layers ignore it.
     clip: at 2-bit values, search each value group's clipping range for the smallest squared error
         instead of plain min/max. Measured on SmolLM2: it lowers the perplexity increase of K4/V2 from
         +1.9% to +1.1%, but costs accuracy at 4 bits, and on keys at any width (queries align with large
@@ -39,6 +47,8 @@ class QuantConfig:
     rotate: str = "keys"
     residual_dtype: str = "float16"
     clip: bool = True
+    residual_bits: int = 16
+    sink: int = 0
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
@@ -52,6 +62,10 @@ class QuantConfig:
             )
         if self.rotate not in ROTATIONS:
             raise ValueError(f"rotate={self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        if self.residual_bits not in (8, 16):
+            raise ValueError(f"residual_bits={self.residual_bits}; choose 16 (residual_dtype) or 8 (8-bit codes)")
+        if self.sink < 0:
+            raise ValueError(f"sink={self.sink} must be >= 0 (the first tokens kept out of the quantized part)")
         if self.residual_dtype not in ("float16", "bfloat16", "model"):
             raise ValueError(f"residual_dtype={self.residual_dtype!r}; choose float16, bfloat16 or model")
 
@@ -112,6 +126,7 @@ PRESETS_BEFORE_17: dict[str, QuantConfig] = {
 def preset_spec(config: QuantConfig) -> str:
     """The ``kvforge-quant`` spec that builds ``config`` explicitly (e.g. an old preset's settings)."""
     fields_ = ("key_bits", "value_bits", "key_group", "value_group", "residual_length", "rotate", "clip")
+    fields_ += tuple(f for f in ("residual_bits", "sink") if getattr(config, f) != getattr(QuantConfig, f))
     return "kvforge-quant:" + ",".join(f"{f.replace('residual_length', 'residual')}={getattr(config, f)}"
                                        for f in fields_)
 

@@ -354,7 +354,7 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
     if len(views) == 1 and b > 1:  # one cache of batch B: one table row per sequence
         v = views[0]
         parts = (v.k_codes, v.k_scale, v.k_zero, v.v_codes, v.v_scale, v.v_zero, v.recent_k, v.recent_v)
-        views = [type(v)(v.layer, *(t[i : i + 1] for t in parts)) for i in range(b)]
+        views = [type(v)(v.layer, *(t[i : i + 1] for t in parts), sink=v.sink) for i in range(b)]
     if any(v.layer.config != cfg for v in views):
         raise ValueError("the sequences of one decode batch must share their quantization settings")
     heads = views[0].recent_k.shape[1]
@@ -376,7 +376,7 @@ def decode(query: torch.Tensor, views: list, scaling: float, softcap: float | No
     mask = np.zeros((0, 0), dtype=np.float32)
     if attention_mask is not None:
         kv = int(table[0, 8] + table[0, 9])
-        am = attention_mask[..., -kv:].reshape(b, kv)
+        am = views[0].kernel_order(attention_mask[..., -kv:]).reshape(b, kv)
         if am.dtype == torch.bool:
             am = torch.zeros(am.shape).masked_fill_(~am, -math.inf)
         mask = am.float().contiguous().numpy()

@@ -13,6 +13,11 @@ from .view import QuantizedView
 
 KIND = "kvforge-quant"
 _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+# the residual window and the sink tokens: float tensors (residual_bits=16, empty scale/zero) or 8-bit codes
+_RES = ("res_k", "res_k_scale", "res_k_zero", "res_v", "res_v_scale", "res_v_zero")
+_SINK = tuple(n.replace("res_", "sink_") for n in _RES)
+_ALL = (*_STORE, *_RES, *_SINK)
+_TOKEN_GROUP = 32  # channels per scale of the 8-bit residual window
 
 
 @register_layer
@@ -32,7 +37,7 @@ class QuantizedLayer(KVLayer, DynamicLayer):
 
     kind = KIND
     is_sliding = False
-    batch_tensors = (*_STORE, "res_k", "res_v")
+    batch_tensors = _ALL
 
     def __init__(self, config: QuantConfig, fused: bool = False, sliding_window: int | None = None):
         super().__init__()
@@ -44,9 +49,8 @@ class QuantizedLayer(KVLayer, DynamicLayer):
 
     # -- storage ---------------------------------------------------------------------------
     def _clear(self):
-        self.k_codes = self.k_scale = self.k_zero = None
-        self.v_codes = self.v_scale = self.v_zero = None
-        self.res_k = self.res_v = None
+        for n in _ALL:
+            setattr(self, n, None)
         self.keys = self.values = None  # transformers' attribute names; unused here
         self.is_initialized = False
 
@@ -72,9 +76,49 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         self.k_zero = torch.empty_like(self.k_scale)
         self.v_scale = torch.empty(b, h, 0, dv // cfg.value_group, dtype=torch.float16, **e)
         self.v_zero = torch.empty_like(self.v_scale)
-        self.res_k = torch.empty(b, h, 0, d, dtype=self.store_dtype, **e)
-        self.res_v = torch.empty(b, h, 0, dv, dtype=self.store_dtype, **e)
         self.is_initialized = True
+        for part in ("res", "sink"):
+            self._set(part, key_states[:, :, :0], value_states[:, :, :0])
+
+    # -- the residual window and the sink tokens ------------------------------------------------
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens ``[B, H, N, W]`` as stored: ``residual_dtype`` (scale and zero empty) or 8-bit codes per
+        token with a float16 scale and zero point per ``_TOKEN_GROUP`` channels."""
+        w = x.shape[-1]
+        if self.config.residual_bits == 16 or w == 0:
+            empty = x.new_empty(*x.shape[:3], 0, dtype=torch.float16)
+            return x.to(self.store_dtype), empty, empty.clone()
+        return quantize_values(x, 8, _token_group(w))
+
+    def _decode(self, part: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``part`` ("res" or "sink") in ``dtype``, in the stored (rotated) space."""
+        out = []
+        for side, w in (("k", self.head_dim), ("v", self.value_dim)):
+            t, scale, zero = (getattr(self, f"{part}_{side}{x}") for x in ("", "_scale", "_zero"))
+            if self.config.residual_bits == 16 or w == 0:
+                out.append(t.to(dtype))
+            else:
+                out.append(dequantize_values(t, scale, zero, 8, _token_group(w), w, dtype))
+        return out[0], out[1]
+
+    def _set(self, part: str, k: torch.Tensor, v: torch.Tensor, append: bool = False) -> None:
+        for side, x in (("k", k), ("v", v)):
+            for suffix, t in zip(("", "_scale", "_zero"), self._encode(x), strict=True):
+                name = f"{part}_{side}{suffix}"
+                setattr(self, name, torch.cat([getattr(self, name), t], 2) if append else t)
+
+    def _keep(self, part: str, tokens: slice) -> None:
+        """Keep only ``tokens`` (a slice along the token axis) of ``part``."""
+        for name in _RES if part == "res" else _SINK:
+            setattr(self, name, getattr(self, name)[:, :, tokens].clone())
+
+    @property
+    def sink_tokens(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def residual_tokens(self) -> int:
+        return 0 if self.res_k is None else self.res_k.shape[2]
 
     @property
     def rotates_values(self) -> bool:
@@ -92,26 +136,42 @@ class QuantizedLayer(KVLayer, DynamicLayer):
 
     @property
     def stored_tokens(self) -> int:
-        return 0 if self.res_k is None else self.quantized_tokens + self.res_k.shape[2]
+        return self.sink_tokens + self.quantized_tokens + self.residual_tokens
 
     # -- the transformers layer API --------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        cfg = self.config
         if self.rot is not None:
             key_states = self._rot(key_states)
             if self.rotates_values:
                 value_states = self._rot(value_states, values=True)
         past = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
-        recent_k = torch.cat([self.res_k.to(key_states.dtype), key_states], dim=2)
-        recent_v = torch.cat([self.res_v.to(value_states.dtype), value_states], dim=2)
+        sinks = self.sink_tokens
+        sk, sv = self._decode("sink", key_states.dtype)
+        rk, rv = self._decode("res", key_states.dtype)
+        recent_k = torch.cat([sk, rk, key_states], dim=2)
+        recent_v = torch.cat([sv, rv, value_states], dim=2)
         self.total += key_states.shape[2]
-        self.res_k = torch.cat([self.res_k, key_states.to(self.store_dtype)], dim=2)
-        self.res_v = torch.cat([self.res_v, value_states.to(self.store_dtype)], dim=2)
-        self._flush()
+        into_sink = 0
+        if self.sliding_window is None and sinks < cfg.sink and self.quantized_tokens == 0 and rk.shape[2] == 0:
+            into_sink = min(cfg.sink - sinks, key_states.shape[2])  # the first tokens of the sequence
+            self._set("sink", key_states[:, :, :into_sink], value_states[:, :, :into_sink], append=True)
+        k_new, v_new = key_states[:, :, into_sink:], value_states[:, :, into_sink:]
+        if cfg.residual_bits == 16:  # quantized from what the window would have stored (as before 8-bit windows)
+            k_new, v_new = k_new.to(self.store_dtype).to(k_new.dtype), v_new.to(self.store_dtype).to(v_new.dtype)
+        old = rk.shape[2]
+        n = old + k_new.shape[2]
+        take = n - self.residual_tokens_after(n, cfg.residual_length, cfg.key_group)
+        if take:  # the oldest whole key groups leave the window
+            self._append_quantized(torch.cat([rk, k_new], 2)[:, :, :take], torch.cat([rv, v_new], 2)[:, :, :take])
+            self._keep("res", slice(min(take, old), None))
+        start = max(0, take - old)
+        self._set("res", k_new[:, :, start:], v_new[:, :, start:], append=True)
         if self.sliding_window is not None and not self.record_past:
             self._trim_window()
-        view = QuantizedView(self, *past, recent_k, recent_v)
+        view = QuantizedView(self, *past, recent_k, recent_v, sink=sinks)
         if self.fused:
             return view, view
         return view.dense()
@@ -125,16 +185,6 @@ class QuantizedLayer(KVLayer, DynamicLayer):
             return n
         take = min(-(-(n - residual_length) // key_group), n // key_group) * key_group
         return n - take
-
-    def _flush(self) -> None:
-        """Quantize the oldest whole key groups so that at most ``residual_length`` tokens stay full precision."""
-        n = self.res_k.shape[2]
-        take = n - self.residual_tokens_after(n, self.config.residual_length, self.config.key_group)
-        if take == 0:
-            return
-        self._append_quantized(self.res_k[:, :, :take], self.res_v[:, :, :take])
-        self.res_k = self.res_k[:, :, take:].clone()
-        self.res_v = self.res_v[:, :, take:].clone()
 
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         cfg = self.config
@@ -156,9 +206,8 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         drop_groups = min(max(extra, 0) // g, self.quantized_tokens // g)
         if drop_groups:
             self._drop_first_groups(drop_groups)
-        if self.quantized_tokens == 0 and self.res_k.shape[2] > keep:
-            self.res_k = self.res_k[:, :, -keep:].clone()
-            self.res_v = self.res_v[:, :, -keep:].clone()
+        if self.quantized_tokens == 0 and self.residual_tokens > keep:
+            self._keep("res", slice(-keep, None))
 
     def _drop_first_groups(self, n_groups: int) -> None:
         t = n_groups * self.config.key_group
@@ -166,11 +215,14 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         self.k_scale, self.k_zero = self.k_scale[:, :, n_groups:].clone(), self.k_zero[:, :, n_groups:].clone()
         self.v_scale, self.v_zero = self.v_scale[:, :, t:].clone(), self.v_zero[:, :, t:].clone()
 
-    def _dense(self, kc, ks, kz, vc, vs, vz, rk, rv) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized keys/values in the model's space (rotations undone), compute dtype of ``rk``."""
+    def _dense(self, kc, ks, kz, vc, vs, vz, rk, rv, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys/values in the model's space (rotations undone), compute dtype of ``rk``, in token
+        order: the first ``sink`` rows of ``rk``/``rv`` are the sink tokens, which come before the codes."""
         cfg, d, dv = self.config, self.head_dim, self.value_dim
-        k = torch.cat([dequantize_keys(kc, ks, kz, cfg.key_bits, cfg.key_group, d, rk.dtype), rk], 2)
-        v = torch.cat([dequantize_values(vc, vs, vz, cfg.value_bits, cfg.value_group, dv, rv.dtype), rv], 2)
+        k = torch.cat([rk[:, :, :sink], dequantize_keys(kc, ks, kz, cfg.key_bits, cfg.key_group, d, rk.dtype),
+                       rk[:, :, sink:]], 2)
+        v = torch.cat([rv[:, :, :sink], dequantize_values(vc, vs, vz, cfg.value_bits, cfg.value_group, dv, rv.dtype),
+                       rv[:, :, sink:]], 2)
         if self.rot is not None:
             k = self._rot(k, inverse=True)
             if self.rotates_values:
@@ -181,8 +233,10 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         """All stored tokens, dequantized, in the model's dtype and space."""
         if not self.is_initialized:
             raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
+        sk, sv = self._decode("sink", self.dtype)
+        rk, rv = self._decode("res", self.dtype)
         return self._dense(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
-                           self.res_k.to(self.dtype), self.res_v.to(self.dtype))
+                           torch.cat([sk, rk], 2), torch.cat([sv, rv], 2), sink=sk.shape[2])
 
     def get_seq_length(self) -> int:
         return self.total
@@ -215,15 +269,22 @@ class QuantizedLayer(KVLayer, DynamicLayer):
                     "would need again; call cache.activate_past_recording() before decoding steps that may be rolled "
                     "back (transformers' generate does this for assisted decoding)")
         self.total -= remove
-        nres = self.res_k.shape[2]
+        nres = self.residual_tokens
         if remove <= nres:
-            self.res_k, self.res_v = self.res_k[:, :, : nres - remove], self.res_v[:, :, : nres - remove]
+            self._keep("res", slice(0, nres - remove))
             return
         keep_q = self.quantized_tokens - (remove - nres)
+        if keep_q < 0:  # into the sink tokens: nothing quantized or in the window is left
+            self._drop_first_groups(self.quantized_tokens // self.config.key_group)
+            self._keep("res", slice(0, 0))
+            self._keep("sink", slice(0, self.sink_tokens + keep_q))
+            return
         g = self.config.key_group
         full = keep_q // g
-        k, v = self._dense(*self._stored_slices(full * g, keep_q), self.res_k[:, :, :0].to(self.dtype),
-                           self.res_v[:, :, :0].to(self.dtype))
+        b, h = self.k_codes.shape[:2]
+        empty_k = torch.empty(b, h, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        empty_v = torch.empty(b, h, 0, self.value_dim, dtype=self.dtype, device=self.device)
+        k, v = self._dense(*self._stored_slices(full * g, keep_q), empty_k, empty_v)
         if self.rot is not None:  # back to the stored (rotated) space
             k = self._rot(k)
             if self.rotates_values:
@@ -232,8 +293,7 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         self.k_codes, self.v_codes = self.k_codes[:, :, :t], self.v_codes[:, :, :t]
         self.k_scale, self.k_zero = self.k_scale[:, :, :full], self.k_zero[:, :, :full]
         self.v_scale, self.v_zero = self.v_scale[:, :, :t], self.v_zero[:, :, :t]
-        self.res_k = k[:, :, : keep_q - t].to(self.store_dtype)
-        self.res_v = v[:, :, : keep_q - t].to(self.store_dtype)
+        self._set("res", k[:, :, : keep_q - t], v[:, :, : keep_q - t])
 
     def _stored_slices(self, start: int, stop: int):
         """Quantized tensors for whole key groups covering tokens ``[start, stop)``, ``start`` group-aligned."""
@@ -254,13 +314,13 @@ class QuantizedLayer(KVLayer, DynamicLayer):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in (*_STORE, "res_k", "res_v"))
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in _ALL)
 
     def export_state(self) -> LayerState:
         """The stored codes, scales and window as a ``LayerState`` of kind ``kvforge-quant`` (bit-exact)."""
         if not self.is_initialized:
             raise KVStateError("this quantized layer holds no tokens yet: run a forward pass first")
-        tensors = {n: getattr(self, n).detach().clone() for n in (*_STORE, "res_k", "res_v")}
+        tensors = {n: getattr(self, n).detach().clone() for n in _ALL}
         meta = {"config": self.config.to_dict(), "head_dim": self.head_dim, "value_dim": self.value_dim,
                 "dtype": str(self.dtype).removeprefix("torch.")}
         return LayerState(KIND, tensors, self.stored_tokens, meta)
@@ -283,9 +343,13 @@ class QuantizedLayer(KVLayer, DynamicLayer):
             t = state.tensors
             b, h, _, d = t["res_k"].shape
             e = dict(dtype=getattr(torch, state.meta["dtype"]), device=t["res_k"].device)
-            self.lazy_initialization(torch.empty(b, h, 0, d, **e), torch.empty(b, h, 0, t["res_v"].shape[-1], **e))
-            for n in (*_STORE, "res_k", "res_v"):
-                setattr(self, n, t[n].to(self.device))
+            self.lazy_initialization(torch.empty(b, h, 0, d, **e), torch.empty(b, h, 0, dv, **e))
+            missing = [n for n in (*_STORE, "res_k", "res_v") if n not in t]
+            if missing:
+                raise KVStateError(f"the saved quantized layer lacks {', '.join(missing)}")
+            for n in _ALL:  # states saved before 8-bit windows and sinks lack their (empty) tensors
+                if n in t:
+                    setattr(self, n, t[n].to(self.device))
             self.total = total_tokens
             return
         d = state.to_dense()
@@ -296,6 +360,10 @@ class QuantizedLayer(KVLayer, DynamicLayer):
             raise KVStateError(f"a full-attention layer needs all {total_tokens} tokens, the state holds {d.length}")
         self.update(k, v)
         self.total = total_tokens
+
+
+def _token_group(width: int) -> int:
+    return _TOKEN_GROUP if width % _TOKEN_GROUP == 0 else width
 
 
 _ROTATIONS: dict = {}

@@ -23,6 +23,7 @@ class QuantizedView:
     v_zero: torch.Tensor
     recent_k: torch.Tensor  # [B, H, R', D] compute dtype, rotated if keys are rotated
     recent_v: torch.Tensor
+    sink: int = 0  # the first `sink` recent tokens are the sequence's first tokens (before the codes)
 
     @property
     def quantized_tokens(self) -> int:
@@ -35,7 +36,7 @@ class QuantizedView:
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layer._dense(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
-                                 self.v_zero, self.recent_k, self.recent_v)
+                                 self.v_zero, self.recent_k, self.recent_v, sink=self.sink)
 
     def stored_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens in full precision in the stored space (rotations kept): what attention needs when the
@@ -48,7 +49,16 @@ class QuantizedView:
         k = dequantize_keys(self.k_codes, self.k_scale, self.k_zero, cfg.key_bits, cfg.key_group, layer.head_dim, rk.dtype)
         v = dequantize_values(self.v_codes, self.v_scale, self.v_zero, cfg.value_bits, cfg.value_group,
                               layer.value_dim, rv.dtype)
-        return torch.cat([k, rk], 2), torch.cat([v, rv], 2)
+        s = self.sink
+        return torch.cat([rk[:, :, :s], k, rk[:, :, s:]], 2), torch.cat([rv[:, :, :s], v, rv[:, :, s:]], 2)
+
+    def kernel_order(self, mask: torch.Tensor) -> torch.Tensor:
+        """``mask [..., KV]`` over the stored tokens in sequence order -> in the order attention on the codes
+        reads them (the codes first, then the recent tokens, the sink tokens first among them)."""
+        s, n = self.sink, self.quantized_tokens
+        if not s or not n:
+            return mask
+        return torch.cat([mask[..., s : s + n], mask[..., :s], mask[..., s + n :]], -1)
 
     @staticmethod
     def rows(views: list[QuantizedView], need: list[int]) -> QuantizedRows:
