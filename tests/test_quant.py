@@ -71,9 +71,7 @@ def test_presets_fit_their_byte_budgets_at_2k_tokens():
     fp16 = 2 * 2 * 64  # key + value bytes per token per KV head
 
     def ratio(cfg):
-        window = cfg.residual_length
-        held = ((2048 - window) * cfg.bytes_per_token(1, 64) + window * fp16) / 2048
-        return fp16 / held
+        return fp16 * 2048 / cfg.held_bytes(2048, 1, 64)
 
     assert ratio(PRESETS["safe"]) >= 3.2 and ratio(PRESETS["2bit"]) >= 5.0
     sizes = [ratio(PRESETS[p]) for p in ("safe", "balanced", "compact", "aggressive", "2bit")]

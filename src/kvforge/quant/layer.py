@@ -17,7 +17,7 @@ _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 _RES = ("res_k", "res_k_scale", "res_k_zero", "res_v", "res_v_scale", "res_v_zero")
 _SINK = tuple(n.replace("res_", "sink_") for n in _RES)
 _ALL = (*_STORE, *_RES, *_SINK)
-_TOKEN_GROUP = 32  # channels per scale of the 8-bit residual window
+_TOKEN_GROUP = 64  # channels per scale and zero point of the 8-bit residual window (8.5 bits per number)
 
 
 @register_layer
