@@ -22,7 +22,9 @@ _TOKEN_GROUP = 64  # channels per scale and zero point of the 8-bit residual win
 
 @register_layer
 class QuantizedLayer(KVLayer, DynamicLayer):
-    """A KIVI-layout quantized layer with a full-precision window of recent tokens (KIVI, Liu et al. 2024).
+    """A KIVI-layout quantized layer with a full-precision window of recent tokens (KIVI, Liu et al. 2024),
+    optionally stored in 8 bits (``residual_bits=8``), and optionally the sequence's first ``sink`` tokens
+    kept out of the codes at the window's precision (``sink_k/sink_v``; attention sinks, StreamingLLM).
 
     Storage: ``k_codes/v_codes`` (bit-packed uint8), ``k_scale/k_zero`` per channel and key group,
     ``v_scale/v_zero`` per token and value group, and ``res_k/res_v``: the residual window, the most
@@ -159,13 +161,16 @@ class QuantizedLayer(KVLayer, DynamicLayer):
             into_sink = min(cfg.sink - sinks, key_states.shape[2])  # the first tokens of the sequence
             self._set("sink", key_states[:, :, :into_sink], value_states[:, :, :into_sink], append=True)
         k_new, v_new = key_states[:, :, into_sink:], value_states[:, :, into_sink:]
-        if cfg.residual_bits == 16:  # quantized from what the window would have stored (as before 8-bit windows)
-            k_new, v_new = k_new.to(self.store_dtype).to(k_new.dtype), v_new.to(self.store_dtype).to(v_new.dtype)
         old = rk.shape[2]
         n = old + k_new.shape[2]
         take = n - self.residual_tokens_after(n, cfg.residual_length, cfg.key_group)
-        if take:  # the oldest whole key groups leave the window
-            self._append_quantized(torch.cat([rk, k_new], 2)[:, :, :take], torch.cat([rv, v_new], 2)[:, :, :take])
+        if take:  # the oldest whole key groups leave the window, quantized in float32 from what it holds
+            kq, vq = self._decode("res", torch.float32)
+            fresh = max(0, take - old)
+            kn, vn = k_new[:, :, :fresh], v_new[:, :, :fresh]
+            if cfg.residual_bits == 16:  # new tokens as the window would have stored them
+                kn, vn = kn.to(self.store_dtype), vn.to(self.store_dtype)
+            self._append_quantized(torch.cat([kq, kn.float()], 2)[:, :, :take], torch.cat([vq, vn.float()], 2)[:, :, :take])
             self._keep("res", slice(min(take, old), None))
         start = max(0, take - old)
         self._set("res", k_new[:, :, start:], v_new[:, :, start:], append=True)
