@@ -225,9 +225,7 @@ def main(argv=None) -> int:
     plot_lines(panels, record.path("decode.png"), xlabel="context tokens", ylabel="ms per decode step",
                title="decode step time against context length")
     record.write_table(text, rows=decode_rows, prefill=prefill_rows)
-    partial = record.path("partial.json")
-    partial.unlink(missing_ok=True)
-    record.written = [w for w in record.written if w != partial]
+    record.remove("partial.json")
     record.announce()
     return 0
 

@@ -421,9 +421,7 @@ def main(argv=None) -> int:
     md = render(result, record.meta)
     print(md)
     record.write_table(md, **result)
-    partial = record.path("partial.json")
-    partial.unlink(missing_ok=True)
-    record.written = [w for w in record.written if w != partial]
+    record.remove("partial.json")
     record.announce()
     return 0
 

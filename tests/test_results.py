@@ -45,6 +45,15 @@ def test_nothing_written_makes_no_folder(tmp_path, capsys):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_partial_file_is_removed_and_not_announced(tmp_path, capsys):
+    r = Results(tmp_path / "results", "run")
+    r.write_json("partial.json", {"rows": [1]})
+    r.write_table("| a |\n|---|\n| 1 |", rows=[{"a": 1}])
+    r.remove("partial.json")
+    assert not (r.folder / "partial.json").exists() and (r.folder / "results.json").exists()
+    assert "partial.json" not in r.announce() and [p.name for p in r.written] == ["results.md", "results.json"]
+
+
 def test_metadata_keys(tmp_path):
     meta = metadata({"windows": 2})
     for key in META_KEYS:

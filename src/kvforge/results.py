@@ -290,6 +290,13 @@ class Results:
             out.append(self.write_csv(f"{stem}.csv", rows))
         return out
 
+    def remove(self, name: str) -> None:
+        """Delete ``name`` from this run's folder (e.g. a ``partial.json`` a finished run replaced) and from
+        :attr:`written`."""
+        p = self.path(name)
+        p.unlink(missing_ok=True)
+        self.written = [w for w in self.written if w != p]
+
     def announce(self, file=None) -> str:
         """Print (to stderr) and return the folder and the files written in it (the folder as the user can
         find it: relative to the working directory when inside it; this message is not stored)."""

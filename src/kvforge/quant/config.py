@@ -9,6 +9,16 @@ from .packing import SUPPORTED_BITS, check_packable
 ROTATIONS = ("none", "keys", "both")
 
 
+def residual_tokens_after(n: int, residual_length: int, key_group: int) -> int:
+    """Tokens the residual window holds after ``n`` tokens were written one forward pass at a time
+    (full-attention layer): ``n`` while ``n <= residual_length``, then the oldest whole key groups are
+    quantized until at most ``residual_length`` remain."""
+    if n <= residual_length:
+        return n
+    take = min(-(-(n - residual_length) // key_group), n // key_group) * key_group
+    return n - take
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How one layer's keys and values are quantized.
@@ -87,10 +97,8 @@ class QuantConfig:
     def held_bytes(self, tokens: int, kv_heads: int, head_dim: int) -> float:
         """Bytes one full-attention layer holds after ``tokens`` tokens written in one prefill: the sink tokens
         and the residual window at their precision (float16 for ``residual_bits=16``), the rest as codes."""
-        sink = min(self.sink, tokens)
-        rest = tokens - sink
-        take = 0 if rest <= self.residual_length else min(
-            -(-(rest - self.residual_length) // self.key_group), rest // self.key_group) * self.key_group
+        rest = tokens - min(self.sink, tokens)
+        take = rest - residual_tokens_after(rest, self.residual_length, self.key_group)
         group = 64 if head_dim % 64 == 0 else head_dim  # the 8-bit window's channels per scale
         per_token = 2 * 2 * head_dim if self.residual_bits == 16 else 2 * (head_dim + 4 * head_dim // group)
         return kv_heads * (take * self.bytes_per_token(1, head_dim) + (tokens - take) * per_token)

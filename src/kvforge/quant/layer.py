@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..layers import KVLayer, KVStateError, LayerState, register_layer
-from .config import QuantConfig
+from .config import QuantConfig, residual_tokens_after
 from .kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values, rotation
 from .packing import packed_size
 from .view import QuantizedView
@@ -152,7 +152,8 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         past = (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
         sinks = self.sink_tokens
         sk, sv = self._decode("sink", key_states.dtype)
-        rk, rv = self._decode("res", key_states.dtype)
+        rk32, rv32 = self._decode("res", torch.float32)  # read once: for attention and for what leaves the window
+        rk, rv = rk32.to(key_states.dtype), rv32.to(value_states.dtype)
         recent_k = torch.cat([sk, rk, key_states], dim=2)
         recent_v = torch.cat([sv, rv, value_states], dim=2)
         self.total += key_states.shape[2]
@@ -164,16 +165,15 @@ class QuantizedLayer(KVLayer, DynamicLayer):
         old = rk.shape[2]
         n = old + k_new.shape[2]
         take = n - self.residual_tokens_after(n, cfg.residual_length, cfg.key_group)
+        fresh = max(0, take - old)  # new tokens that go straight to the codes
         if take:  # the oldest whole key groups leave the window, quantized in float32 from what it holds
-            kq, vq = self._decode("res", torch.float32)
-            fresh = max(0, take - old)
             kn, vn = k_new[:, :, :fresh], v_new[:, :, :fresh]
             if cfg.residual_bits == 16:  # new tokens as the window would have stored them
                 kn, vn = kn.to(self.store_dtype), vn.to(self.store_dtype)
-            self._append_quantized(torch.cat([kq, kn.float()], 2)[:, :, :take], torch.cat([vq, vn.float()], 2)[:, :, :take])
+            self._append_quantized(torch.cat([rk32, kn.float()], 2)[:, :, :take],
+                                   torch.cat([rv32, vn.float()], 2)[:, :, :take])
             self._keep("res", slice(min(take, old), None))
-        start = max(0, take - old)
-        self._set("res", k_new[:, :, start:], v_new[:, :, start:], append=True)
+        self._set("res", k_new[:, :, fresh:], v_new[:, :, fresh:], append=True)
         if self.sliding_window is not None and not self.record_past:
             self._trim_window()
         view = QuantizedView(self, *past, recent_k, recent_v, sink=sinks)
@@ -181,15 +181,7 @@ class QuantizedLayer(KVLayer, DynamicLayer):
             return view, view
         return view.dense()
 
-    @staticmethod
-    def residual_tokens_after(n: int, residual_length: int, key_group: int) -> int:
-        """Tokens the full-precision window holds after ``n`` tokens were written one forward pass at a time
-        (full-attention layer): ``n`` while ``n <= residual_length``, then the oldest whole key groups are
-        quantized until at most ``residual_length`` remain."""
-        if n <= residual_length:
-            return n
-        take = min(-(-(n - residual_length) // key_group), n // key_group) * key_group
-        return n - take
+    residual_tokens_after = staticmethod(residual_tokens_after)
 
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         cfg = self.config
