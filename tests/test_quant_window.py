@@ -69,6 +69,13 @@ def test_config_checks_name_the_setting():
         QuantConfig(residual_bits=4)
     with pytest.raises(ValueError, match="sink=-1"):
         QuantConfig(sink=-1)
+    for bad in (2.5, True, "abc"):  # a wrong type is named here, not a crash deep inside a forward pass
+        with pytest.raises(ValueError, match=f"sink={bad!r} must be an int"):
+            QuantConfig(sink=bad)
+    with pytest.raises(ValueError, match="key_group=32.0 must be an int"):
+        QuantConfig(key_group=32.0)
+    with pytest.raises(ValueError, match="tokens >= 0"):
+        QuantConfig().held_bytes(-5, 3, 64)
 
 
 @pytest.mark.parametrize("cfg", [CFG.replace(sink=4), CFG.replace(residual_bits=8),

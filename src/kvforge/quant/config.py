@@ -61,6 +61,10 @@ class QuantConfig:
     sink: int = 0
 
     def __post_init__(self):
+        for name in ("key_bits", "value_bits", "key_group", "value_group", "residual_length", "residual_bits", "sink"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} must be an int")
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) not in SUPPORTED_BITS:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported; choose one of {SUPPORTED_BITS}")
@@ -97,6 +101,9 @@ class QuantConfig:
     def held_bytes(self, tokens: int, kv_heads: int, head_dim: int) -> float:
         """Bytes one full-attention layer holds after ``tokens`` tokens written in one prefill: the sink tokens
         and the residual window at their precision (float16 for ``residual_bits=16``), the rest as codes."""
+        if tokens < 0 or kv_heads < 1 or head_dim < 1:
+            raise ValueError(f"held_bytes needs tokens >= 0 and positive kv_heads, head_dim (got {tokens}, {kv_heads}, "
+                             f"{head_dim})")
         rest = tokens - min(self.sink, tokens)
         take = rest - residual_tokens_after(rest, self.residual_length, self.key_group)
         group = 64 if head_dim % 64 == 0 else head_dim  # the 8-bit window's channels per scale
