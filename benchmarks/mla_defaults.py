@@ -1,7 +1,8 @@
 """Choosing ``kvforge mla convert``'s defaults on more than one text, and checking them on texts not chosen on.
 
 Each candidate is a joint conversion at one ratio with one setting of the knobs that the conversion has
-(calibration texts, output-aware weighting, the keys' weight in the joint latent, calibration pieces),
+(calibration texts, output-aware weighting, the keys' weight in the joint latent, bias correction, rank
+allocation, calibration pieces),
 scored by decode-faithful perplexity (4 windows, 512 prefilled + 512 scored in chunks of 32) against the
 unconverted model on the same windows of every text.
 
@@ -42,19 +43,31 @@ def OLD_PYDOC_CALIBRATION() -> str:  # noqa: N802 - the text the old default rea
     text = pydoc_text()
     return text[: _split_point(text)]
 
-# name -> (calibration texts, output_aware, key_weight, calibration pieces); "old" is the default before
-# issue 17 (32 pieces of the pydoc text's first fifth, as the calibration part was then), "new" the default
-# after it (mix-kw1)
+# name -> calibration texts, calibration pieces and convert()'s settings. "old" is the default before issue
+# 17 (32 pieces of the pydoc text's first fifth, as the calibration part was then), "round2" the default of
+# its second round (mix-kw1); "new" is the current default (fisher-bc-uniform), which convert() picks at 2x
+# by itself. Each names every setting, so a row means the same thing whatever the defaults become.
+_R2 = {"output_aware": True, "bias_correction": False, "allocation": "spectrum"}
 CANDIDATES = {
-    "old": ("pydoc-old", None, 1.5, 32),
-    "mix": ("mix", None, 1.5, 32),
-    "mix-kw1": ("mix", None, 1.0, 32),
-    "mix-kw2": ("mix", None, 2.0, 32),
-    "mix-kw0.75": ("mix", None, 0.75, 32),
-    "mix-kw0.5": ("mix", None, 0.5, 32),
-    "mix-plain": ("mix", False, 1.5, 32),
-    "mix-24": ("mix", None, 1.5, 24),
+    "old": {"cal": "pydoc-old", "pieces": 32, **_R2, "key_weight": 1.5},
+    "mix": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 1.5},
+    "mix-kw1": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 1.0},
+    "mix-kw2": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 2.0},
+    "mix-kw0.75": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 0.75},
+    "mix-kw0.5": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 0.5},
+    "mix-plain": {"cal": "mix", "pieces": 32, **_R2, "output_aware": False, "key_weight": 1.5},
+    "mix-24": {"cal": "mix", "pieces": 24, **_R2, "key_weight": 1.5},
+    "bc": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 1.0, "bias_correction": True},
+    "bc-uniform": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 1.0, "bias_correction": True,
+                   "allocation": "uniform"},
+    "bc-uniform-kw0.75": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 0.75, "bias_correction": True,
+                          "allocation": "uniform"},
+    "fisher-bc-uniform": {"cal": "mix", "pieces": 32, "output_aware": "fisher", "key_weight": 1.0,
+                          "bias_correction": True, "allocation": "uniform"},
+    "fisher-bc-spectrum": {"cal": "mix", "pieces": 32, "output_aware": "fisher", "key_weight": 1.0,
+                           "bias_correction": True, "allocation": "spectrum"},
 }
+CANDIDATES["round2"] = CANDIDATES["mix-kw1"]
 PIECE_CHARS = 2200
 
 
@@ -65,7 +78,7 @@ def main() -> None:
     ap.add_argument("--split", choices=["choose", "eval"], default="choose")
     ap.add_argument("--texts", default=None, help="default: pydoc,kjv for choose, all for eval")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"of {', '.join(CANDIDATES)}")
-    ap.add_argument("--new", default="mix-kw1", help="the candidate that is the new default (reported as 'new')")
+    ap.add_argument("--new", default="fisher-bc-uniform", help="the candidate that is the new default (reported as 'new')")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     CANDIDATES["new"] = CANDIDATES[args.new]
@@ -79,7 +92,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     # the furthest a conversion reads into a calibration part of the mix: its pieces, taken in turn per text
-    skip = -(-max(c[3] for c in CANDIDATES.values()) // len(CALIBRATION_MIX)) * PIECE_CHARS
+    skip = -(-max(c["pieces"] for c in CANDIDATES.values()) // len(CALIBRATION_MIX)) * PIECE_CHARS
     windows = {}
     for t in texts:
         if args.split == "eval":
@@ -93,13 +106,14 @@ def main() -> None:
             for t, w in windows.items()}
     rows = []
     for name in names:
-        cal, aware, kw, pieces = CANDIDATES[name]
+        c = dict(CANDIDATES[name])
+        cal, pieces = c.pop("cal"), c.pop("pieces")
         m, _ = load_model(args.model)
         t0 = time.perf_counter()
         cal_pieces = (text_pieces(OLD_PYDOC_CALIBRATION(), pieces, PIECE_CHARS) if cal == "pydoc-old"
                       else calibration_pieces(cal, pieces, PIECE_CHARS))
-        convert(m, tok, ratio=args.ratio, method="joint", calibration=cal_pieces, output_aware=aware, key_weight=kw)
-        row = {"candidate": name, "calibration": cal, "output_aware": aware, "key_weight": kw, "pieces": pieces,
+        convert(m, tok, ratio=args.ratio, method="joint", calibration=cal_pieces, **c)
+        row = {"candidate": name, "calibration": cal, "pieces": pieces, **c,
                "compression": compression(m), "convert_s": round(time.perf_counter() - t0, 1), "rel_change": {}}
         for t, w in windows.items():
             r = perplexity(m, tok, "dynamic", windows=w, context=512, score=512, chunk=32, baseline=base[t],
@@ -111,12 +125,14 @@ def main() -> None:
         rows.append(row)
         print(name, {k: f"{100 * v:+.2f}%" for k, v in ch.items()}, f"worst {100 * row['worst']:+.2f}%", flush=True)
 
-    head = "| candidate | calibration | output-aware | key weight | pieces | " + " | ".join(texts) + " | mean | worst |"
+    head = ("| candidate | calibration | weighting | key weight | bias correction | ranks | pieces | convert s | "
+            + " | ".join(texts) + " | mean | worst |")
     lines = [f"# MLA joint {args.ratio:g}x on {args.model}: decode-faithful ΔPPL ({args.split} windows)", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        aware = {None: "auto", True: "on", False: "off"}[r["output_aware"]]
-        lines.append(f"| {r['candidate']} | {r['calibration']} | {aware} | {r['key_weight']} | {r['pieces']} | "
+        aware = {True: "queries/o_proj", False: "off", "fisher": "Fisher"}[r["output_aware"]]
+        lines.append(f"| {r['candidate']} | {r['calibration']} | {aware} | {r['key_weight']} | "
+                     f"{'on' if r['bias_correction'] else 'off'} | {r['allocation']} | {r['pieces']} | {r['convert_s']} | "
                      + " | ".join(f"{100 * r['rel_change'][t]:+.2f}%" for t in texts)
                      + f" | {100 * r['mean']:+.2f}% | {100 * r['worst']:+.2f}% ({r['worst_text']}) |")
     lines += ["", "baseline PPL: " + ", ".join(f"{t} {b.ppl:.3f}" for t, b in base.items())]

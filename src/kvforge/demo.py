@@ -147,13 +147,16 @@ class Demo:
         """SmolLM2 at 2x latent attention: loaded from the cached conversion when present, else converted and
         cached (``conversion_dir``)."""
         from .mla import convert, save_converted
+        from .mla.convert import conversion_defaults
         from .models import converted_loader, fingerprint
         from .texts import calibration_pieces
 
         d = self.conversion_dir
         if d is not None and (loader := converted_loader(d)) is not None:
             model = loader(d, self.model.dtype)
-            if model.kvforge_mla.base_fingerprint == fingerprint(self.model):
+            cfg = model.kvforge_mla  # reused only when made from this model with today's defaults
+            if cfg.base_fingerprint == fingerprint(self.model) and all(
+                    getattr(cfg, k) == v for k, v in conversion_defaults(2.0).items()):
                 return model, True
         model = copy.deepcopy(self.model)
         texts = self.calibration or calibration_pieces(None, 6, 2000)  # two pieces of each text of the mix

@@ -25,8 +25,14 @@ def add_commands(sub) -> None:
                         "or files (whole) (default: mix = pydoc, licenses, kjv; see kvforge.texts)")
     p.add_argument("--calibration-pieces", type=int, default=32, help="pieces of ~512 tokens (default 32)")
     p.add_argument("--no-whiten", action="store_true", help="plain weight SVD (no activation statistics)")
-    p.add_argument("--output-aware", choices=["auto", "on", "off"], default="auto",
-                   help="weigh key/value errors by their effect on the attention output (auto: on up to 2.5x)")
+    p.add_argument("--output-aware", choices=["auto", "fisher", "on", "off"], default="auto",
+                   help="weigh key/value errors by their cost: fisher (loss gradients; one backward pass per "
+                        "piece and sample), on (query energy and o_proj) or off (auto: fisher up to 2.5x, else off)")
+    p.add_argument("--bias-correction", choices=["auto", "on", "off"], default="auto",
+                   help="whiten by the input's covariance and restore its mean by a bias (auto: on up to 2.5x)")
+    p.add_argument("--allocation", choices=["auto", "uniform", "spectrum"], default="auto",
+                   help="latent widths: the same in every layer, or by the normalised spectra "
+                        "(auto: uniform up to 2.5x, else spectrum)")
     p.add_argument("--rank-multiple", type=int, default=1,
                    help="latent widths in multiples of this (8: quantize the latents with any kvforge-quant bits)")
     p.add_argument("-o", "--output", type=Path, required=True, help="directory for the converted model")
@@ -63,7 +69,9 @@ def cmd_convert(args) -> int:
     cfg = convert(model, tok, ratio=args.ratio, rank=args.rank, method=args.method,
                   calibration=None if args.no_whiten and not REGISTRY[args.method].rope_stats else _calibration(args),
                   whiten=not args.no_whiten, rope_pairs=args.rope_pairs, name=args.model,
-                  output_aware={"auto": None, "on": True, "off": False}[args.output_aware],
+                  output_aware={"auto": None, "fisher": "fisher", "on": True, "off": False}[args.output_aware],
+                  bias_correction={"auto": None, "on": True, "off": False}[args.bias_correction],
+                  allocation=None if args.allocation == "auto" else args.allocation,
                   rank_multiple=args.rank_multiple)
     save_converted(model, tok, args.output)
     energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]

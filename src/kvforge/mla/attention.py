@@ -49,7 +49,7 @@ class LatentAttention(nn.Module):
     ``v_proj`` by down- and up-projections (``down_*``, ``up_*``; ``rope_k`` for the kept rotary dims)."""
 
     def __init__(self, attn: nn.Module, method: str, ranks: dict[str, int], rotary, layer_type: str | None,
-                 kept: torch.Tensor | None = None):
+                 kept: torch.Tensor | None = None, bias: bool = False):
         super().__init__()
         self.impl: LatentMethod = get_method(method)  # what differs between methods (kvforge.mla.methods)
         self.method, self.layer_type = method, layer_type
@@ -70,8 +70,9 @@ class LatentAttention(nn.Module):
         self.ranks = dict(ranks)
         self.n_k = self.impl.key_width(self, kept)
         self.impl.build(self, attn, kept)
-        self.k_bias = _zeros(dtype, self.n_k) if attn.k_proj.bias is not None else None
-        self.v_bias = _zeros(dtype, self.num_kv_heads * self.head_dim) if attn.v_proj.bias is not None else None
+        # biases after the up-projections: the original ones, or the bias correction of a conversion (bias=True)
+        self.k_bias = _zeros(dtype, self.n_k) if bias or attn.k_proj.bias is not None else None
+        self.v_bias = _zeros(dtype, self.num_kv_heads * self.head_dim) if bias or attn.v_proj.bias is not None else None
         if self.k_norm is not None:
             self.k_eps = _norm_eps(self.k_norm)
 

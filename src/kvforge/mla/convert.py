@@ -8,11 +8,19 @@ is ``U_r^T W`` and the up-projection ``U_r`` (orthonormal columns). Ranks are al
 between keys and values) under one budget by the retained energy of each matrix's normalised spectrum.
 ``whiten=False`` gives plain weight SVD.
 
-``output_aware=True`` (the default) also weighs the rows of ``W`` by what their errors cost the layer's
-output (:func:`output_weights`: key dims by the calibrated query energy, values through ``o_proj``) and
-factors ``L W C^(1/2)`` instead; ``W' = L^-1 U_r U_r^T L W``, written with an orthonormal up-projection by
-one QR. On SmolLM2 at 2x (joint) it takes the perplexity increase from +18% to +9%; at 4x and 8x it is
-worse than plain whitening, so by default it is used up to 2.5x only.
+Output-aware weighting also weighs the rows of ``W`` by what their errors cost and factors ``L W C^(1/2)``
+instead; ``W' = L^-1 U_r U_r^T L W``, written with an orthonormal up-projection by one QR. Two weights:
+``output_aware=True`` (:func:`output_weights`: key dims by the calibrated query energy, values through
+``o_proj``) and ``output_aware="fisher"`` (``L = G^(1/2)``, ``G`` the second moment of the loss gradient at
+the keys and values, :func:`kvforge.mla.calibration.fisher`: the output side of a Kronecker-factored
+Fisher, so ``|L dW C^(1/2)|^2`` approximates the KL a weight error costs; Fisher-weighted SVD, Hsu et al.
+2022). **Bias correction** (as in data-free quantization, Nagel et al. 2019) whitens with the input's
+covariance instead of its second moment and adds the mean error ``(W - W') E[x]`` as a bias after the
+up-projection, so no latent dimension is spent on the input's mean.
+
+Defaults up to 2.5x (``None``): Fisher weighting, bias correction and the same rank in every layer; beyond
+2.5x: plain whitening, no bias correction, ranks allocated by the spectra (output-aware weighting was
+worse there). Chosen on the calibration parts of kjv and fortunes (``benchmarks/mla_defaults.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 
 from .._compat import one_thread
 from .attention import LatentAttention, attention_modules
-from .calibration import calibrate
+from .calibration import calibrate, fisher
 from .methods import REGISTRY, get_method
 
 
@@ -38,8 +46,10 @@ class MLAConfig:
     base_fingerprint: str = ""
     base_model: str = ""
     whiten: bool = True
-    output_aware: bool = False
+    output_aware: bool | str = False  # True (query energy and o_proj), "fisher" or False
     key_weight: float = 1.0
+    bias_correction: bool = False
+    allocation: str = "spectrum"
     calibration_tokens: int = 0
     retained_energy: list[dict[str, float]] = field(default_factory=list)
     finetune: dict = field(default_factory=dict)
@@ -89,6 +99,24 @@ def output_weights(attn, q2: torch.Tensor, key_rows: list[torch.Tensor]) -> tupl
         ev, vec = torch.linalg.eigh(m)
         blocks.append(vec @ torch.diag(ev.clamp_min(ev.max() * 1e-6).sqrt()) @ vec.T)
     return (lk.clamp_min(lk.max() * 1e-6) if lk.numel() else lk), torch.block_diag(*blocks)
+
+
+def _sqrtm(m: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix, eigenvalues floored at ``floor`` times the largest (invertible)."""
+    ev, vec = torch.linalg.eigh(m)
+    ev = ev.clamp_min(float(ev.max()) * floor if float(ev.max()) > 0 else 1.0)
+    return vec @ torch.diag(ev.sqrt()) @ vec.T
+
+
+def _fisher_weights(attn, g: torch.Tensor, method: str, rest: list[list[int]] | None) -> dict[str, torch.Tensor]:
+    """``G^(1/2)`` restricted to the rows each latent of ``method`` rebuilds (``g`` over k_proj's then
+    v_proj's outputs, :func:`kvforge.mla.calibration.fisher`)."""
+    d, nk = attn.head_dim, attn.k_proj.out_features
+    rows = rest if rest is not None else [list(range(d))] * (nk // d)
+    k_idx = torch.tensor([j * d + r for j, rr in enumerate(rows) for r in rr], dtype=torch.long)
+    v_idx = torch.arange(nk, g.shape[0])
+    idx = {"k": k_idx, "v": v_idx, "kv": torch.cat([k_idx, v_idx])}
+    return {k: _sqrtm(g[idx[k]][:, idx[k]]) for k in get_method(method).factors}
 
 
 def _left_weights(attn, stats: dict, i: int, method: str, rest: list[list[int]] | None,
@@ -153,6 +181,15 @@ def allocate(spectra: list[torch.Tensor], budget: int, floor: int = 4, step: int
     return ranks
 
 
+def conversion_defaults(ratio: float, whiten: bool = True) -> dict:
+    """What :func:`convert` picks for ``output_aware``, ``bias_correction`` and ``allocation`` at ``ratio``
+    (original KV bytes over the latent's): Fisher weights, bias correction and uniform ranks up to 2.5x,
+    plain whitening and ranks by the spectra beyond (measured: module doc)."""
+    light = ratio <= 2.5
+    return {"output_aware": "fisher" if whiten and light else False, "bias_correction": whiten and light,
+            "allocation": "uniform" if light else "spectrum"}
+
+
 def _energy(s: torch.Tensor, r: int) -> float:
     e = s.double() ** 2
     return float(e[:r].sum() / e.sum()) if e.sum() > 0 else 1.0
@@ -161,8 +198,9 @@ def _energy(s: torch.Tensor, r: int) -> float:
 @torch.no_grad()
 def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None = None, method: str = "joint",
             calibration: list[str] | None = None, whiten: bool = True, rope_pairs: int | None = None,
-            max_calibration_tokens: int = 512, name: str = "", output_aware: bool | None = None,
-            key_weight: float = 1.0, rank_multiple: int = 1) -> MLAConfig:
+            max_calibration_tokens: int = 512, name: str = "", output_aware: bool | str | None = None,
+            key_weight: float = 1.0, rank_multiple: int = 1, bias_correction: bool | None = None,
+            allocation: str | None = None, fisher_samples: int = 2) -> MLAConfig:
     """Convert ``model`` in place so that its cache holds latents; returns what was done.
 
     ``ratio``: KV bytes of the original over the converted cache (2 = half), the latent dims allocated over
@@ -171,13 +209,18 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     ``whiten=False``; never the evaluation text). ``rope_pairs`` (decoupled_rope): rotary frequency pairs
     kept per KV head, chosen by measured contribution (default: a quarter of the head's pairs, at most half
     of the layer's byte budget; dropping the rotation of many pairs costs a RoPE model dearly untrained).
-    ``output_aware``: weigh key and value errors by their effect on the attention output (see the module
-    doc); ``key_weight`` scales the keys' block against the values' in a joint latent (1.0, chosen on
-    several texts: at 2x the worst change over kjv and fortunes was +14.3% at 1.0, +18.3% at 1.5, +15.5%
-    at 0.75; ``benchmarks/mla_defaults.py``). ``rank_multiple``:
-    every latent width a multiple of this (8 lets any bit width of :mod:`kvforge.quant` pack the latents). The default (None)
-    turns it on up to 2.5x and off beyond: measured on SmolLM2 (joint), it lowers perplexity at 2x
-    (13.92 against 15.19) but raises it at 4x (23.9 against 22.5) and 8x (75.6 against 51.5).
+    ``output_aware``: weigh key and value errors by their effect on the output (see the module doc):
+    ``"fisher"`` (one backward pass per calibration text and each of ``fisher_samples`` sampled labels),
+    ``True`` (query energy and ``o_proj``; ``key_weight`` scales the keys' block against the values' in a
+    joint latent) or ``False``. ``bias_correction``: centre the whitening and add the mean error back as a
+    bias. ``allocation``: ``"uniform"`` (the same latent width in every layer) or ``"spectrum"`` (over layers
+    and between keys and values by the normalised spectra). ``None`` picks each by the ratio (module doc):
+    measured on SmolLM2 at 2x (joint), worst change over the calibration parts of kjv and fortunes +14.3%
+    with the previous defaults (query-energy weights, spectrum allocation), +9.5% with bias correction and
+    uniform ranks, +7.8% with Fisher weights as well; beyond 2.5x output-aware weighting raised perplexity
+    (4x: 23.9 against 22.5, 8x: 75.6 against 51.5). ``rank_multiple``: every latent width a multiple of this
+    (8 lets any bit width of :mod:`kvforge.quant` pack the latents).
+    Raises ``ValueError`` for a bad ratio, rank, option or missing calibration.
     """
     from ..models import fingerprint, text_config
 
@@ -193,12 +236,20 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     attns = attention_modules(model)
     if any(not hasattr(a, "k_proj") or not hasattr(a, "v_proj") for a in attns):
         raise ValueError(f"{type(model).__name__}: attention without k_proj/v_proj is not supported")
-    if output_aware is None:
-        h_, d_ = text_config(model).num_key_value_heads, attns[0].head_dim
-        eff = ratio if ratio is not None else 2 * h_ * d_ / (len(impl.factors) * rank)
-        output_aware = whiten and eff <= 2.5
-    if output_aware and not whiten:
-        raise ValueError("output_aware weighting needs calibration statistics; use it with whiten=True")
+    h_, d_ = text_config(model).num_key_value_heads, attns[0].head_dim
+    auto = conversion_defaults(ratio if ratio is not None else 2 * h_ * d_ / (len(impl.factors) * rank), whiten)
+    output_aware = auto["output_aware"] if output_aware is None else output_aware
+    bias_correction = auto["bias_correction"] if bias_correction is None else bias_correction
+    allocation = auto["allocation"] if allocation is None else allocation
+    if output_aware not in (True, False, "fisher"):
+        raise ValueError(f"output_aware must be True, False or 'fisher', got {output_aware!r}")
+    if fisher_samples < 1:
+        raise ValueError(f"fisher_samples must be >= 1, got {fisher_samples}")
+    if allocation not in ("uniform", "spectrum"):
+        raise ValueError(f"unknown rank allocation {allocation!r}; choose 'uniform' or 'spectrum'")
+    if (output_aware or bias_correction) and not whiten:
+        raise ValueError("output-aware weighting and bias correction need calibration statistics; "
+                         "use them with whiten=True")
     need_cal = whiten or impl.rope_stats
     if need_cal and not calibration:
         raise ValueError("calibration texts are required (whitening and rotary-pair selection); pass "
@@ -209,6 +260,10 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     base_fp = fingerprint(model)
     stats = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=impl.rope_stats) \
         if need_cal else {"cov": [None] * len(attns), "tokens": 0}
+    if bias_correction:  # whiten by the covariance; the mean is restored by a bias
+        stats["cov"] = [c - torch.outer(m, m) for c, m in zip(stats["cov"], stats["mean"])]
+    grads = fisher(model, tokenizer, calibration, max_calibration_tokens, fisher_samples) \
+        if output_aware == "fisher" else None
     tc = text_config(model)
     h = tc.num_key_value_heads
     d = attns[0].head_dim
@@ -217,7 +272,8 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     kept_all = [impl.select_kept(a, i, stats, ratio, rope_pairs) for i, a in enumerate(attns)]
     mats = [impl.matrices(a, kept) for a, kept in zip(attns, kept_all)]
     with one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
-        lefts = [_left_weights(a, stats, i, method, impl.key_rows(a, kept_all[i]), key_weight)
+        lefts = [_fisher_weights(a, grads[i], method, impl.key_rows(a, kept_all[i])) if grads is not None
+                 else _left_weights(a, stats, i, method, impl.key_rows(a, kept_all[i]), key_weight)
                  if output_aware else {} for i, a in enumerate(attns)]
         bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
                   for k, w in m.items()} for i, m in enumerate(mats)]
@@ -231,18 +287,23 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
         if budget < len(spectra):
             raise ValueError(f"ratio {ratio} leaves {budget} latent dims for {len(spectra)} matrices "
                              "(the kept rotary dims alone take more); lower the ratio or rope_pairs")
-        flat = allocate(spectra, budget, floor=min(max(4, rank_multiple), budget // len(spectra)),
-                        step=rank_multiple)
+        if allocation == "uniform":  # an even share, whole multiples, never above a matrix's rank
+            flat = [min(budget // len(spectra) // rank_multiple * rank_multiple or rank_multiple, len(s))
+                    for s in spectra]
+        else:
+            flat = allocate(spectra, budget, floor=min(max(4, rank_multiple), budget // len(spectra)),
+                            step=rank_multiple)
     ranks, it = [], iter(flat)
     for m in mats:
         ranks.append({k: next(it) for k in m})
     kept_pairs = None if kept_all[0] is None else [k.tolist() for k in kept_all]
-    cfg = MLAConfig(method, ranks, kept_pairs, ratio, base_fp,
-                    name or getattr(model, "kvforge_name", ""), whiten, output_aware, key_weight, stats["tokens"])
+    cfg = MLAConfig(method, ranks, kept_pairs, ratio, base_fp, name or getattr(model, "kvforge_name", ""),
+                    whiten, output_aware, key_weight, bias_correction=bias_correction, allocation=allocation,
+                    calibration_tokens=stats["tokens"])
     new_attns = install(model, cfg)
     with one_thread():
         for i, (a, new) in enumerate(zip(attns, new_attns)):
-            e, factors = {}, {}
+            e, factors, shifts = {}, {}, {}
             for k, w in mats[i].items():
                 u = bases[i][k][0][:, : ranks[i][k]]  # [out, r]
                 if k in lefts[i]:  # W' = L^-1 U U^T L W, re-based (QR) so that the up-projection stays orthonormal
@@ -254,7 +315,14 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
                     down = u.T @ w.double()
                 factors[k] = (down.to(w.dtype), u.to(w.dtype))
                 e[k] = _energy(bases[i][k][1], ranks[i][k])
+                if bias_correction:
+                    shifts[k] = (w.double() - u @ down) @ stats["mean"][i]  # the mean error, one per output row
             impl.load(new, a, factors)  # the factors, the kept rotary rows and the biases
+            for k, shift in shifts.items():  # rows: keys ("k"), values ("v") or keys over values ("kv")
+                if k in ("k", "kv"):
+                    new.k_bias.add_(shift[: new.n_k].to(new.k_bias.dtype))
+                if k in ("v", "kv"):
+                    new.v_bias.add_(shift[-new.v_bias.shape[0]:].to(new.v_bias.dtype))
             cfg.retained_energy.append(e)
     model.config.kvforge_mla = cfg.to_dict()
     return cfg
@@ -273,7 +341,8 @@ def install(model, cfg: MLAConfig) -> list[LatentAttention]:
     out = []
     for i, a in enumerate(attns):
         kept = torch.tensor(cfg.kept_pairs[i]) if cfg.kept_pairs is not None else None
-        new = LatentAttention(a, cfg.method, cfg.ranks[i], rotary, types[i], kept).to(a.q_proj.weight.device)
+        new = LatentAttention(a, cfg.method, cfg.ranks[i], rotary, types[i], kept,
+                              bias=cfg.bias_correction).to(a.q_proj.weight.device)
         model.model.layers[i].self_attn = new
         out.append(new)
     model.kvforge_mla = cfg
