@@ -105,10 +105,12 @@ def test_fisher_is_the_second_moment_of_the_sampled_label_gradient(tiny):
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
-def test_fisher_weighted_factors_minimise_the_fisher_norm(tiny):
-    """The Fisher-weighted rank-r factors fit the layer's weight best in ``|G^(1/2) dW C^(1/2)|`` (no worse
-    than plain whitening there; Eckart-Young in the weighted norm) and keep the up-projection orthonormal."""
-    from kvforge.mla.convert import _sqrtm
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_fisher_weighted_factors_minimise_the_fisher_norm(tiny, damping):
+    """The Fisher-weighted rank-r factors fit the layer's weight best in ``|L dW C^(1/2)|`` with
+    ``L = (G + damping P P^T)^(1/2)`` (no worse than plain whitening there; Eckart-Young in the weighted
+    norm) and keep the up-projection orthonormal."""
+    from kvforge.mla.convert import _fisher_weights, _left_weights
 
     model, tok = tiny
     with one_thread():
@@ -116,13 +118,14 @@ def test_fisher_weighted_factors_minimise_the_fisher_norm(tiny):
         grads = fisher(model, tok, CAL)
     a0 = attention_modules(model)[0]
     w0 = torch.cat([a0.k_proj.weight, a0.v_proj.weight]).double()
-    left = _sqrtm(grads[0])
+    prior = _left_weights(a0, st, 0, "joint", None, 1.0)
+    left = _fisher_weights(a0, grads[0], "joint", None, prior, damping)["kv"]
     chol = torch.linalg.cholesky(st["cov"][0] + 1e-6 * torch.eye(w0.shape[1], dtype=torch.float64))
     rank = w0.shape[0] // 2
     errs = {}
     for aware in ("fisher", False):
         new = attention_modules(_convert(tiny, rank=rank, method="joint", output_aware=aware,
-                                         bias_correction=False))[0]
+                                         fisher_damping=damping, bias_correction=False))[0]
         errs[aware] = (left @ (new.up.double() @ new.down.weight.double() - w0) @ chol).norm().item()
         up = new.up.double()
         assert torch.allclose(up.T @ up, torch.eye(rank, dtype=torch.float64), atol=1e-5)
@@ -136,7 +139,8 @@ def test_uniform_allocation_gives_every_layer_the_same_width(tiny):
     kv = model.config.num_key_value_heads * model.config.head_dim
     assert widths == {kv}  # 2x of keys and values together: one latent as wide as the keys
     cfg = m.kvforge_mla
-    assert (cfg.output_aware, cfg.bias_correction, cfg.allocation) == ("fisher", True, "uniform")  # 2x defaults
+    assert (cfg.output_aware, cfg.bias_correction, cfg.allocation, cfg.fisher_damping) == (
+        "fisher", True, "uniform", 0.5)  # the 2x defaults
     far = _convert(tiny, ratio=4.0, method="joint")
     assert (far.kvforge_mla.output_aware, far.kvforge_mla.bias_correction) == (False, False)
 
@@ -150,6 +154,8 @@ def test_weighting_options_are_refused_by_name(tiny):
         convert(m, tok, ratio=2, calibration=CAL, allocation="even")
     with pytest.raises(ValueError, match="bias correction need calibration"):
         convert(m, tok, ratio=2, whiten=False, bias_correction=True)
+    with pytest.raises(ValueError, match="fisher_damping must be >= 0"):
+        convert(m, tok, ratio=2, calibration=CAL, fisher_damping=-1)
     with pytest.raises(ValueError, match="fisher_samples must be >= 1"):
         convert(m, tok, ratio=2, calibration=CAL, output_aware="fisher", fisher_samples=0)
     assert getattr(m, "kvforge_mla", None) is None  # nothing was converted by a refused call

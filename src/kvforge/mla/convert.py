@@ -18,7 +18,8 @@ Fisher, so ``|L dW C^(1/2)|^2`` approximates the KL a weight error costs; Fisher
 covariance instead of its second moment and adds the mean error ``(W - W') E[x]`` as a bias after the
 up-projection, so no latent dimension is spent on the input's mean.
 
-Defaults up to 2.5x (``None``): Fisher weighting, bias correction and the same rank in every layer; beyond
+Defaults up to 2.5x (``None``): Fisher weighting (damped by half the query/o_proj weights), bias correction
+and the same rank in every layer; beyond
 2.5x: plain whitening, no bias correction, ranks allocated by the spectra (output-aware weighting was
 worse there). Chosen on the calibration parts of kjv and fortunes (``benchmarks/mla_defaults.py``).
 """
@@ -50,6 +51,7 @@ class MLAConfig:
     key_weight: float = 1.0
     bias_correction: bool = False
     allocation: str = "spectrum"
+    fisher_damping: float = 0.0  # with output_aware="fisher": the weight of the query/o_proj term
     calibration_tokens: int = 0
     retained_energy: list[dict[str, float]] = field(default_factory=list)
     finetune: dict = field(default_factory=dict)
@@ -108,15 +110,25 @@ def _sqrtm(m: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
     return vec @ torch.diag(ev.sqrt()) @ vec.T
 
 
-def _fisher_weights(attn, g: torch.Tensor, method: str, rest: list[list[int]] | None) -> dict[str, torch.Tensor]:
-    """``G^(1/2)`` restricted to the rows each latent of ``method`` rebuilds (``g`` over k_proj's then
-    v_proj's outputs, :func:`kvforge.mla.calibration.fisher`)."""
+def _fisher_weights(attn, g: torch.Tensor, method: str, rest: list[list[int]] | None,
+                    prior: dict[str, torch.Tensor] | None = None, damping: float = 0.0) -> dict[str, torch.Tensor]:
+    """``(G + damping P P^T)^(1/2)`` restricted to the rows each latent of ``method`` rebuilds (``g`` over
+    k_proj's then v_proj's outputs, :func:`kvforge.mla.calibration.fisher`; ``prior``: the query/o_proj
+    weights of :func:`_left_weights`; both terms scaled to unit trace first)."""
     d, nk = attn.head_dim, attn.k_proj.out_features
     rows = rest if rest is not None else [list(range(d))] * (nk // d)
     k_idx = torch.tensor([j * d + r for j, rr in enumerate(rows) for r in rr], dtype=torch.long)
     v_idx = torch.arange(nk, g.shape[0])
     idx = {"k": k_idx, "v": v_idx, "kv": torch.cat([k_idx, v_idx])}
-    return {k: _sqrtm(g[idx[k]][:, idx[k]]) for k in get_method(method).factors}
+    out = {}
+    for k in get_method(method).factors:
+        m = g[idx[k]][:, idx[k]]
+        m = m / torch.trace(m).clamp_min(1e-30)
+        if damping and prior is not None:
+            p = prior[k] @ prior[k].T
+            m = m + damping * p / torch.trace(p).clamp_min(1e-30)
+        out[k] = _sqrtm(m)
+    return out
 
 
 def _left_weights(attn, stats: dict, i: int, method: str, rest: list[list[int]] | None,
@@ -182,12 +194,13 @@ def allocate(spectra: list[torch.Tensor], budget: int, floor: int = 4, step: int
 
 
 def conversion_defaults(ratio: float, whiten: bool = True) -> dict:
-    """What :func:`convert` picks for ``output_aware``, ``bias_correction`` and ``allocation`` at ``ratio``
-    (original KV bytes over the latent's): Fisher weights, bias correction and uniform ranks up to 2.5x,
-    plain whitening and ranks by the spectra beyond (measured: module doc)."""
+    """What :func:`convert` picks for ``output_aware``, ``bias_correction``, ``allocation`` and
+    ``fisher_damping`` at ``ratio`` (original KV bytes over the latent's): Fisher weights damped by half
+    the query/o_proj ones, bias correction and uniform ranks up to 2.5x, plain whitening and ranks by the
+    spectra beyond (measured: module doc)."""
     light = ratio <= 2.5
     return {"output_aware": "fisher" if whiten and light else False, "bias_correction": whiten and light,
-            "allocation": "uniform" if light else "spectrum"}
+            "allocation": "uniform" if light else "spectrum", "fisher_damping": 0.5}
 
 
 def _energy(s: torch.Tensor, r: int) -> float:
@@ -200,7 +213,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
             calibration: list[str] | None = None, whiten: bool = True, rope_pairs: int | None = None,
             max_calibration_tokens: int = 512, name: str = "", output_aware: bool | str | None = None,
             key_weight: float = 1.0, rank_multiple: int = 1, bias_correction: bool | None = None,
-            allocation: str | None = None, fisher_samples: int = 2) -> MLAConfig:
+            allocation: str | None = None, fisher_samples: int = 2, fisher_damping: float | None = None) -> MLAConfig:
     """Convert ``model`` in place so that its cache holds latents; returns what was done.
 
     ``ratio``: KV bytes of the original over the converted cache (2 = half), the latent dims allocated over
@@ -212,12 +225,14 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     ``output_aware``: weigh key and value errors by their effect on the output (see the module doc):
     ``"fisher"`` (one backward pass per calibration text and each of ``fisher_samples`` sampled labels),
     ``True`` (query energy and ``o_proj``; ``key_weight`` scales the keys' block against the values' in a
-    joint latent) or ``False``. ``bias_correction``: centre the whitening and add the mean error back as a
+    joint latent) or ``False``. ``fisher_damping``: the Fisher matrix plus this much of the query/o_proj
+    weights, each at unit trace (0: Fisher alone). ``bias_correction``: centre the whitening and add the mean error back as a
     bias. ``allocation``: ``"uniform"`` (the same latent width in every layer) or ``"spectrum"`` (over layers
     and between keys and values by the normalised spectra). ``None`` picks each by the ratio (module doc):
     measured on SmolLM2 at 2x (joint), worst change over the calibration parts of kjv and fortunes +14.3%
     with the previous defaults (query-energy weights, spectrum allocation), +9.5% with bias correction and
-    uniform ranks, +7.8% with Fisher weights as well; beyond 2.5x output-aware weighting raised perplexity
+    uniform ranks, +7.8% with Fisher weights instead, +6.7% with Fisher damped by 0.5 (0.2: +7.2%, 1.0:
+    +7.2%); beyond 2.5x output-aware weighting raised perplexity
     (4x: 23.9 against 22.5, 8x: 75.6 against 51.5). ``rank_multiple``: every latent width a multiple of this
     (8 lets any bit width of :mod:`kvforge.quant` pack the latents).
     Raises ``ValueError`` for a bad ratio, rank, option or missing calibration.
@@ -241,8 +256,11 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     output_aware = auto["output_aware"] if output_aware is None else output_aware
     bias_correction = auto["bias_correction"] if bias_correction is None else bias_correction
     allocation = auto["allocation"] if allocation is None else allocation
+    fisher_damping = auto["fisher_damping"] if fisher_damping is None else fisher_damping
     if output_aware not in (True, False, "fisher"):
         raise ValueError(f"output_aware must be True, False or 'fisher', got {output_aware!r}")
+    if not fisher_damping >= 0:
+        raise ValueError(f"fisher_damping must be >= 0, got {fisher_damping}")
     if fisher_samples < 1:
         raise ValueError(f"fisher_samples must be >= 1, got {fisher_samples}")
     if allocation not in ("uniform", "spectrum"):
@@ -272,9 +290,11 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     kept_all = [impl.select_kept(a, i, stats, ratio, rope_pairs) for i, a in enumerate(attns)]
     mats = [impl.matrices(a, kept) for a, kept in zip(attns, kept_all)]
     with one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
-        lefts = [_fisher_weights(a, grads[i], method, impl.key_rows(a, kept_all[i])) if grads is not None
-                 else _left_weights(a, stats, i, method, impl.key_rows(a, kept_all[i]), key_weight)
-                 if output_aware else {} for i, a in enumerate(attns)]
+        lefts = [_left_weights(a, stats, i, method, impl.key_rows(a, kept_all[i]), key_weight)
+                 if output_aware and (grads is None or fisher_damping) else {} for i, a in enumerate(attns)]
+        if grads is not None:  # Fisher weights, damped towards the query/o_proj ones
+            lefts = [_fisher_weights(a, grads[i], method, impl.key_rows(a, kept_all[i]), lefts[i], fisher_damping)
+                     for i, a in enumerate(attns)]
         bases = [{k: whitened_basis(lefts[i][k] @ w.double() if k in lefts[i] else w, stats["cov"][i])
                   for k, w in m.items()} for i, m in enumerate(mats)]
     spectra = [bases[i][k][1] for i, m in enumerate(mats) for k in m]
@@ -299,6 +319,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     kept_pairs = None if kept_all[0] is None else [k.tolist() for k in kept_all]
     cfg = MLAConfig(method, ranks, kept_pairs, ratio, base_fp, name or getattr(model, "kvforge_name", ""),
                     whiten, output_aware, key_weight, bias_correction=bias_correction, allocation=allocation,
+                    fisher_damping=fisher_damping if output_aware == "fisher" else 0.0,
                     calibration_tokens=stats["tokens"])
     new_attns = install(model, cfg)
     with one_thread():
