@@ -139,10 +139,10 @@ def test_uniform_allocation_gives_every_layer_the_same_width(tiny):
     kv = model.config.num_key_value_heads * model.config.head_dim
     assert widths == {kv}  # 2x of keys and values together: one latent as wide as the keys
     cfg = m.kvforge_mla
-    assert (cfg.output_aware, cfg.bias_correction, cfg.allocation, cfg.fisher_damping) == (
-        "fisher", True, "uniform", 0.5)  # the 2x defaults
+    assert (cfg.output_aware, cfg.bias_correction, cfg.allocation, cfg.fisher_damping, cfg.refine) == (
+        "fisher", True, "uniform", 0.5, 0)  # the 2x defaults
     far = _convert(tiny, ratio=4.0, method="joint")
-    assert (far.kvforge_mla.output_aware, far.kvforge_mla.bias_correction) == (False, False)
+    assert (far.kvforge_mla.output_aware, far.kvforge_mla.bias_correction, far.kvforge_mla.refine) == (False, False, 0)
 
 
 def test_weighting_options_are_refused_by_name(tiny):
@@ -159,3 +159,23 @@ def test_weighting_options_are_refused_by_name(tiny):
     with pytest.raises(ValueError, match="fisher_samples must be >= 1"):
         convert(m, tok, ratio=2, calibration=CAL, output_aware="fisher", fisher_samples=0)
     assert getattr(m, "kvforge_mla", None) is None  # nothing was converted by a refused call
+
+
+def test_refine_factors_each_layer_on_the_inputs_the_converted_model_gives_it(tiny):
+    """``refine=1`` reads the statistics again on the once-converted model: the refined layers restore the
+    mean of those inputs exactly (bias correction on the new statistics), layer 0's input (before any
+    converted layer) reads as before, and the ranks do not change."""
+    model, tok = tiny
+    once = _convert(tiny, rank=4, method="joint", output_aware=False, bias_correction=True, refine=0)
+    twice = _convert(tiny, rank=4, method="joint", output_aware=False, bias_correction=True, refine=1)
+    with one_thread():
+        st0, st1 = calibrate(model, tok, CAL), calibrate(once, tok, CAL)
+    assert torch.allclose(st1["cov"][0], st0["cov"][0]) and not torch.allclose(st1["mean"][-1], st0["mean"][-1])
+    for a, new, mu in zip(attention_modules(model), attention_modules(twice), st1["mean"]):
+        w, b = _rebuilt(new)
+        assert torch.allclose(w @ mu + b, torch.cat([a.k_proj.weight, a.v_proj.weight]).double() @ mu, atol=1e-4)
+    assert twice.kvforge_mla.ranks == once.kvforge_mla.ranks and twice.kvforge_mla.refine == 1
+    m = copy.deepcopy(model)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine must be an int"):
+            convert(m, tok, ratio=2, calibration=CAL, refine=bad)

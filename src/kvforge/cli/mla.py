@@ -30,6 +30,8 @@ def add_commands(sub) -> None:
                         "piece and sample), on (query energy and o_proj) or off (auto: fisher up to 2.5x, else off)")
     p.add_argument("--fisher-damping", type=float,
                    help="with fisher weighting: add this much of the query/o_proj weights (default 0.5; 0: Fisher alone)")
+    p.add_argument("--refine", type=int,
+                   help="read the calibration statistics again on the converted model and factor again, N times (default 0)")
     p.add_argument("--bias-correction", choices=["auto", "on", "off"], default="auto",
                    help="whiten by the input's covariance and restore its mean by a bias (auto: on up to 2.5x)")
     p.add_argument("--allocation", choices=["auto", "uniform", "spectrum"], default="auto",
@@ -74,7 +76,7 @@ def cmd_convert(args) -> int:
                   output_aware={"auto": None, "fisher": "fisher", "on": True, "off": False}[args.output_aware],
                   bias_correction={"auto": None, "on": True, "off": False}[args.bias_correction],
                   allocation=None if args.allocation == "auto" else args.allocation,
-                  fisher_damping=args.fisher_damping,
+                  fisher_damping=args.fisher_damping, refine=args.refine,
                   rank_multiple=args.rank_multiple)
     save_converted(model, tok, args.output)
     energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]

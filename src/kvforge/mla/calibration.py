@@ -21,7 +21,8 @@ from .attention import attention_modules
 
 @torch.no_grad()
 def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_stats: bool = False) -> dict:
-    """Per layer: ``cov`` (second moment of the input of k_proj/v_proj, float64 ``[hidden, hidden]``), ``mean``
+    """Per layer: ``cov`` (second moment of the input of k_proj/v_proj, float64 ``[hidden, hidden]``; also of
+    a converted model's latent attention, whose down-projections read the same input), ``mean``
     (its mean ``[hidden]``), ``q2`` (mean squared queries) and, with ``rope_stats``,
     ``pair_score [H, D/2]``: mean ``|q_f| |k_f|`` per rotary frequency pair of each KV head (summed over its
     query heads), the post-norm queries and keys the model attends with, and ``rotation_loss [D/2]``."""
@@ -36,9 +37,10 @@ def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_st
             s["q2"] = (x * x).sum(0) if s["q2"] is None else s["q2"] + (x * x).sum(0)
         return hook
 
-    def k_in(i):
-        def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+    def k_in(i):  # on the attention module: its hidden states are what k_proj (or a latent down-projection) reads
+        def hook(_mod, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            x = x.reshape(-1, x.shape[-1]).double()
             s = stats[i]
             s["cov"] = x.T @ x if s["cov"] is None else s["cov"] + x.T @ x
             s["sum"] = x.sum(0) if s.get("sum") is None else s["sum"] + x.sum(0)
@@ -53,7 +55,7 @@ def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_st
         return hook
 
     for i, a in enumerate(attns):
-        hooks.append(a.k_proj.register_forward_pre_hook(k_in(i)))
+        hooks.append(a.register_forward_pre_hook(k_in(i), with_kwargs=True))
         # the queries the model attends with (after q_norm, before RoPE): output-aware key weights
         q_mod = a.q_norm if getattr(a, "q_norm", None) is not None else a.q_proj
         hooks.append(q_mod.register_forward_hook(q_out(i, a.q_proj.out_features)))
