@@ -79,6 +79,7 @@ def test_fisher_is_the_second_moment_of_the_sampled_label_gradient(tiny):
     here independently with ``torch.autograd.grad``; the same seed gives the same matrices, and no
     parameter is left with a gradient or a changed ``requires_grad``."""
     model, tok = tiny
+    flags = [p.requires_grad for p in model.parameters()]  # other tests may have frozen the shared model
     with one_thread():
         got = fisher(model, tok, CAL[:1], samples=1, seed=3)
         with torch.inference_mode():  # a caller's inference mode does not stop the backward passes
@@ -89,6 +90,7 @@ def test_fisher_is_the_second_moment_of_the_sampled_label_gradient(tiny):
                  for i, a in enumerate(attention_modules(model))]
         hooks += [a.v_proj.register_forward_hook(lambda _m, _a, o, i=i: outs.__setitem__((i, "v"), o))
                   for i, a in enumerate(attention_modules(model))]
+        hooks.append(model.model.embed_tokens.register_forward_hook(lambda _m, _a, o: o.requires_grad_(True)))
         try:
             logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
         finally:
@@ -102,7 +104,8 @@ def test_fisher_is_the_second_moment_of_the_sampled_label_gradient(tiny):
         v = torch.cat([by[(i, "k")][0], by[(i, "v")][0]], -1).double()
         assert torch.allclose(g, v.T @ v / ids.shape[1], rtol=1e-4, atol=1e-10)
         assert torch.equal(g, again[i])
-    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.5])

@@ -88,7 +88,8 @@ def calibrate(model, tokenizer, texts: list[str], max_tokens: int = 512, rope_st
             h.remove()
     if tokens == 0:
         raise ValueError("calibration needs at least one non-empty text")
-    out = {"cov": [s["cov"] / s["n"] for s in stats], "mean": [s["sum"] / s["n"] for s in stats], "q2": [s["q2"] / s["n"] for s in stats], "tokens": tokens}
+    out = {"cov": [s["cov"] / s["n"] for s in stats], "mean": [s["sum"] / s["n"] for s in stats],
+           "q2": [s["q2"] / s["n"] for s in stats], "tokens": tokens}
     if rope_stats:
         out["pair_score"] = [s["pair"] / len(texts) for s in stats]
         out["rotation_loss"] = [rotation_loss(model, i) for i in range(len(attns))]

@@ -18,10 +18,11 @@ Fisher, so ``|L dW C^(1/2)|^2`` approximates the KL a weight error costs; Fisher
 covariance instead of its second moment and adds the mean error ``(W - W') E[x]`` as a bias after the
 up-projection, so no latent dimension is spent on the input's mean.
 
-Defaults up to 2.5x (``None``): Fisher weighting (damped by half the query/o_proj weights), bias correction
-and the same rank in every layer; beyond
-2.5x: plain whitening, no bias correction, ranks allocated by the spectra (output-aware weighting was
-worse there). Chosen on the calibration parts of kjv and fortunes (``benchmarks/mla_defaults.py``).
+Defaults up to 2.5x (``None``): Fisher weighting (damped by half the query/o_proj weights), bias
+correction and the same rank in every layer; beyond 2.5x: plain whitening, no bias correction, ranks
+allocated by the spectra (output-aware weighting was worse there). Chosen for ``joint`` at 2x on the
+calibration parts of kjv and fortunes (``benchmarks/mla_defaults.py``); ``separate`` and
+``decoupled_rope`` get the same defaults, not measured separately.
 """
 
 from __future__ import annotations
@@ -129,19 +130,20 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     ``"fisher"`` (one backward pass per calibration text and each of ``fisher_samples`` sampled labels),
     ``True`` (query energy and ``o_proj``; ``key_weight`` scales the keys' block against the values' in a
     joint latent) or ``False``. ``fisher_damping``: the Fisher matrix plus this much of the query/o_proj
-    weights, each at unit trace (0: Fisher alone). ``refine``: after converting, read the calibration
-    statistics again on the converted model (each layer then sees the inputs its converted predecessors
-    give it) and factor every layer again from its original weights, this many times; the ranks stay
-    (default 0: at 2x one pass gained 0.24 points on the choosing texts and lost 0.18 on the evaluation
-    texts' worst case, not worth a second calibration read). ``bias_correction``: centre the whitening and add the mean error back as a
-    bias. ``allocation``: ``"uniform"`` (the same latent width in every layer) or ``"spectrum"`` (over layers
-    and between keys and values by the normalised spectra). ``None`` picks each by the ratio (module doc):
-    measured on SmolLM2 at 2x (joint), worst change over the calibration parts of kjv and fortunes +14.3%
-    with the previous defaults (query-energy weights, spectrum allocation), +9.5% with bias correction and
-    uniform ranks, +7.8% with Fisher weights instead, +6.7% with Fisher damped by 0.5 (0.2: +7.2%, 1.0:
-    +7.2%); beyond 2.5x output-aware weighting raised perplexity
-    (4x: 23.9 against 22.5, 8x: 75.6 against 51.5). ``rank_multiple``: every latent width a multiple of this
-    (8 lets any bit width of :mod:`kvforge.quant` pack the latents).
+    weights, each at unit trace (0: Fisher alone). ``bias_correction``: centre the whitening and add the
+    mean error back as a bias. ``allocation``: ``"uniform"`` (the same latent width in every layer) or
+    ``"spectrum"`` (over layers and between keys and values by the normalised spectra). ``refine``: after
+    converting, read the calibration statistics again on the converted model (each layer then sees the
+    inputs its converted predecessors give it) and factor every layer again from its original weights,
+    this many times; the ranks stay. ``rank_multiple``: every latent width a multiple of this (8 lets any
+    bit width of :mod:`kvforge.quant` pack the latents).
+
+    ``None`` picks each by the ratio (:func:`conversion_defaults`). Measured on SmolLM2 at 2x (joint),
+    worst change over the calibration parts of kjv and fortunes: +14.3% with the previous defaults
+    (query/o_proj weights, spectrum allocation), +9.5% with bias correction and uniform ranks, +7.8% with
+    Fisher weights instead, +6.7% with Fisher damped by 0.5 (0.2: +7.2%, 1.0: +7.2%); one ``refine`` pass
+    gained 0.24 points there but lost 0.18 on the evaluation texts' worst case, so it is off. Beyond 2.5x
+    output-aware weighting raised perplexity (4x: 23.9 against 22.5, 8x: 75.6 against 51.5).
     Raises ``ValueError`` for a bad ratio, rank, option or missing calibration.
     """
     from ..models import fingerprint, text_config
@@ -201,6 +203,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     # the matrices to factor, per layer (and the rotary pairs kept uncompressed, by methods that keep some)
     kept_all = [impl.select_kept(a, i, stats, ratio, rope_pairs) for i, a in enumerate(attns)]
     mats = [impl.matrices(a, kept) for a, kept in zip(attns, kept_all)]
+
     def factorise(st):  # the left weights and the whitened bases of every matrix, from statistics st
         with one_thread():  # small dense factorisations: threads only add contention (28 s vs 0.3 s seen)
             lefts = [_left_weights(a, st, i, method, impl.key_rows(a, kept_all[i]), key_weight)
