@@ -160,8 +160,8 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     attns = attention_modules(model)
     if any(not hasattr(a, "k_proj") or not hasattr(a, "v_proj") for a in attns):
         raise ValueError(f"{type(model).__name__}: attention without k_proj/v_proj is not supported")
-    h_, d_ = text_config(model).num_key_value_heads, attns[0].head_dim
-    auto = conversion_defaults(ratio if ratio is not None else 2 * h_ * d_ / (len(impl.factors) * rank), whiten)
+    h, d = text_config(model).num_key_value_heads, attns[0].head_dim
+    auto = conversion_defaults(ratio if ratio is not None else 2 * h * d / (len(impl.factors) * rank), whiten)
     output_aware = auto["output_aware"] if output_aware is None else output_aware
     bias_correction = auto["bias_correction"] if bias_correction is None else bias_correction
     allocation = auto["allocation"] if allocation is None else allocation
@@ -190,15 +190,16 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     if need_cal and tokenizer is None:
         raise ValueError("calibration needs the tokenizer")
     base_fp = fingerprint(model)
-    stats = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=impl.rope_stats) \
-        if need_cal else {"cov": [None] * len(attns), "tokens": 0}
-    if bias_correction:  # whiten by the covariance; the mean is restored by a bias
-        stats["cov"] = [c - torch.outer(m, m) for c, m in zip(stats["cov"], stats["mean"])]
+
+    def statistics(rope_stats: bool = False) -> dict:  # of the model as it is now (converted, when refining)
+        st = calibrate(model, tokenizer, calibration, max_calibration_tokens, rope_stats=rope_stats)
+        if bias_correction:  # whiten by the covariance; the mean is restored by a bias
+            st["cov"] = [c - torch.outer(m, m) for c, m in zip(st["cov"], st["mean"])]
+        return st
+
+    stats = statistics(impl.rope_stats) if need_cal else {"cov": [None] * len(attns), "tokens": 0}
     grads = fisher(model, tokenizer, calibration, max_calibration_tokens, fisher_samples) \
         if output_aware == "fisher" else None
-    tc = text_config(model)
-    h = tc.num_key_value_heads
-    d = attns[0].head_dim
 
     # the matrices to factor, per layer (and the rotary pairs kept uncompressed, by methods that keep some)
     kept_all = [impl.select_kept(a, i, stats, ratio, rope_pairs) for i, a in enumerate(attns)]
@@ -242,9 +243,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     new_attns = install(model, cfg)
     cfg.retained_energy = _load_factors(attns, new_attns, impl, mats, lefts, bases, ranks, stats, bias_correction)
     for _ in range(refine):  # the statistics again, as the converted model sees them; the same ranks
-        stats = calibrate(model, tokenizer, calibration, max_calibration_tokens)
-        if bias_correction:
-            stats["cov"] = [c - torch.outer(m, m) for c, m in zip(stats["cov"], stats["mean"])]
+        stats = statistics()
         lefts, bases = factorise(stats)
         cfg.retained_energy = _load_factors(attns, new_attns, impl, mats, lefts, bases, ranks, stats,
                                             bias_correction)

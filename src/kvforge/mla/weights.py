@@ -9,14 +9,19 @@ import torch
 from .methods import get_method
 
 
+def _whitener(cov: torch.Tensor) -> torch.Tensor:
+    """``L`` with ``cov + jitter I = L L^T`` (float64; jitter 1e-6 of the mean variance keeps it definite)."""
+    c = cov.double()
+    jitter = 1e-6 * torch.trace(c) / c.shape[0]
+    return torch.linalg.cholesky(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+
+
 def whitened_basis(weight: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors ``U [out, out']`` and singular values of ``W L`` (``cov = L L^T``); plain SVD of
     ``W`` without ``cov``."""
     w = weight.double()
     if cov is not None:
-        c = cov.double()
-        jitter = 1e-6 * torch.trace(c) / c.shape[0]
-        w = w @ torch.linalg.cholesky(c + jitter * torch.eye(c.shape[0], dtype=c.dtype, device=c.device))
+        w = w @ _whitener(cov)
     u, s, _ = torch.linalg.svd(w, full_matrices=False)
     return u, s
 
@@ -98,8 +103,7 @@ def _left_weights(attn, stats: dict, i: int, method: str, rest: list[list[int]] 
         out["v"] = lv
     if "kv" not in latents:
         return out
-    chol = torch.linalg.cholesky(stats["cov"][i] + 1e-6 * torch.trace(stats["cov"][i]) / stats["cov"][i].shape[0]
-                                 * torch.eye(stats["cov"][i].shape[0], dtype=torch.float64))
+    chol = _whitener(stats["cov"][i])
     wv = attn.v_proj.weight.double() @ chol
     wk = attn.k_proj.weight.double().view(h, d, -1)
     wk = torch.cat([wk[j, r] for j, r in enumerate(rows)]) @ chol
