@@ -45,9 +45,9 @@ def OLD_PYDOC_CALIBRATION() -> str:  # noqa: N802 - the text the old default rea
 
 # name -> calibration texts, calibration pieces and convert()'s settings. "old" is the default before issue
 # 17 (32 pieces of the pydoc text's first fifth, as the calibration part was then), "round2" the default of
-# its second round (mix-kw1); "new" is the current default (fisher-d0.5), which convert() picks at 2x
+# its second round (mix-kw1); "new" is the current default (fisher-d0.5-oc), which convert() picks at 2x
 # by itself. Each names every setting, so a row means the same thing whatever the defaults become.
-_R2 = {"output_aware": True, "bias_correction": False, "allocation": "spectrum", "refine": 0}
+_R2 = {"output_aware": True, "bias_correction": False, "allocation": "spectrum", "refine": 0, "output_correction": False}
 CANDIDATES = {
     "old": {"cal": "pydoc-old", "pieces": 32, **_R2, "key_weight": 1.5},
     "mix": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 1.5},
@@ -63,9 +63,11 @@ CANDIDATES = {
     "bc-uniform-kw0.75": {"cal": "mix", "pieces": 32, **_R2, "key_weight": 0.75, "bias_correction": True,
                           "allocation": "uniform"},
     "fisher-bc-uniform": {"cal": "mix", "pieces": 32, "output_aware": "fisher", "key_weight": 1.0,
-                          "bias_correction": True, "allocation": "uniform", "fisher_damping": 0.0, "refine": 0},
+                          "bias_correction": True, "allocation": "uniform", "fisher_damping": 0.0, "refine": 0,
+                          "output_correction": False},
     "fisher-bc-spectrum": {"cal": "mix", "pieces": 32, "output_aware": "fisher", "key_weight": 1.0,
-                           "bias_correction": True, "allocation": "spectrum", "fisher_damping": 0.0, "refine": 0},
+                           "bias_correction": True, "allocation": "spectrum", "fisher_damping": 0.0, "refine": 0,
+                           "output_correction": False},
 }
 for _d in (0.2, 0.5, 1.0):  # Fisher damped towards the query/o_proj weights
     CANDIDATES[f"fisher-d{_d:g}"] = {**CANDIDATES["fisher-bc-uniform"], "fisher_damping": _d}
@@ -73,6 +75,10 @@ CANDIDATES["fisher-d0.5-spectrum"] = {**CANDIDATES["fisher-d0.5"], "allocation":
 CANDIDATES["fisher-d0.5-s4"] = {**CANDIDATES["fisher-d0.5"], "fisher_samples": 4}
 for _r in (1, 2):  # and the statistics read again on the converted model
     CANDIDATES[f"fisher-d0.5-r{_r}"] = {**CANDIDATES["fisher-d0.5"], "refine": _r}
+CANDIDATES["fisher-d0.5-oc"] = {**CANDIDATES["fisher-d0.5"], "output_correction": "local"}  # o_proj refitted
+for _d in (0.001, 0.1):
+    CANDIDATES[f"fisher-d0.5-oc{_d:g}"] = {**CANDIDATES["fisher-d0.5-oc"], "correction_damping": _d}
+CANDIDATES["fisher-d0.5-ocg"] = {**CANDIDATES["fisher-d0.5"], "output_correction": "global"}
 CANDIDATES["round2"] = CANDIDATES["mix-kw1"]
 PIECE_CHARS = 2200
 
@@ -84,7 +90,7 @@ def main() -> None:
     ap.add_argument("--split", choices=["choose", "eval"], default="choose")
     ap.add_argument("--texts", default=None, help="default: pydoc,kjv for choose, all for eval")
     ap.add_argument("--candidates", default=",".join(CANDIDATES), help=f"of {', '.join(CANDIDATES)}")
-    ap.add_argument("--new", default="fisher-d0.5", help="the candidate that is the new default (reported as 'new')")
+    ap.add_argument("--new", default="fisher-d0.5-oc", help="the candidate that is the new default (reported as 'new')")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     CANDIDATES["new"] = CANDIDATES[args.new]
@@ -131,7 +137,8 @@ def main() -> None:
         rows.append(row)
         print(name, {k: f"{100 * v:+.2f}%" for k, v in ch.items()}, f"worst {100 * row['worst']:+.2f}%", flush=True)
 
-    head = ("| candidate | calibration | weighting | key weight | bias correction | ranks | refine | pieces | convert s | "
+    head = ("| candidate | calibration | weighting | key weight | bias correction | ranks | refine | o_proj refit | "
+            "pieces | convert s | "
             + " | ".join(texts) + " | mean | worst |")
     lines = [f"# MLA joint {args.ratio:g}x on {args.model}: decode-faithful ΔPPL ({args.split} windows)", "",
              head, "|" + "---|" * (head.count("|") - 1)]
@@ -139,7 +146,8 @@ def main() -> None:
         aware = {True: "queries/o_proj", False: "off", "fisher": f"Fisher, damping {r.get('fisher_damping', 0):g}"}[
             r["output_aware"]]
         lines.append(f"| {r['candidate']} | {r['calibration']} | {aware} | {r['key_weight']} | "
-                     f"{'on' if r['bias_correction'] else 'off'} | {r['allocation']} | {r.get('refine', 0)} | {r['pieces']} | "
+                     f"{'on' if r['bias_correction'] else 'off'} | {r['allocation']} | {r.get('refine', 0)} | "
+                     f"{r.get('output_correction') or 'off'} | {r['pieces']} | "
                      f"{r['convert_s']} | "
                      + " | ".join(f"{100 * r['rel_change'][t]:+.2f}%" for t in texts)
                      + f" | {100 * r['mean']:+.2f}% | {100 * r['worst']:+.2f}% ({r['worst_text']}) |")

@@ -34,6 +34,10 @@ def add_commands(sub) -> None:
                    help="read the calibration statistics again on the converted model and factor again, N times (default 0)")
     p.add_argument("--bias-correction", choices=["auto", "on", "off"], default="auto",
                    help="whiten by the input's covariance and restore its mean by a bias (auto: on up to 2.5x)")
+    p.add_argument("--output-correction", choices=["auto", "local", "global", "off"], default="auto",
+                   help="refit each layer's o_proj by least squares to the original attention's output on the "
+                        "calibration text: on the converted model's hidden states (local) or the original "
+                        "model's (global) (auto: see kvforge.mla.conversion_defaults)")
     p.add_argument("--allocation", choices=["auto", "uniform", "spectrum"], default="auto",
                    help="latent widths: the same in every layer, or by the normalised spectra "
                         "(auto: uniform up to 2.5x, else spectrum)")
@@ -77,6 +81,7 @@ def cmd_convert(args) -> int:
                   bias_correction={"auto": None, "on": True, "off": False}[args.bias_correction],
                   allocation=None if args.allocation == "auto" else args.allocation,
                   fisher_damping=args.fisher_damping, refine=args.refine,
+                  output_correction={"auto": None, "off": False}.get(args.output_correction, args.output_correction),
                   rank_multiple=args.rank_multiple)
     save_converted(model, tok, args.output)
     energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]
