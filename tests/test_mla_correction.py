@@ -137,7 +137,8 @@ def test_a_corrected_conversion_saves_loads_and_records_it(tiny, tmp_path):
     _, tok = tiny
     plain, _ = _converted(tiny)
     m, _ = _converted(tiny, output_correction=True)
-    assert m.kvforge_mla.output_correction and not plain.kvforge_mla.output_correction
+    assert m.kvforge_mla.output_correction == "local" and not plain.kvforge_mla.output_correction
+    assert m.kvforge_mla.correction_damping == 0.01
     assert not torch.allclose(attention_modules(m)[0].o_proj.weight, attention_modules(plain)[0].o_proj.weight)
     ids = tok(CAL[0], return_tensors="pt").input_ids
     back = load_converted(save_converted(m, None, tmp_path / "conv"))

@@ -22,8 +22,8 @@ up-projection, so no latent dimension is spent on the input's mean.
 so that it maps the latent attention's output onto the original attention's on the same inputs.
 
 Defaults up to 2.5x (``None``): Fisher weighting (damped by half the query/o_proj weights), bias
-correction, the same rank in every layer and the local output correction; beyond 2.5x: plain whitening, no bias correction, ranks
-allocated by the spectra (output-aware weighting was worse there). Chosen for ``joint`` at 2x on the
+correction, the same rank in every layer and the local output correction; beyond 2.5x: plain whitening,
+no bias correction, ranks allocated by the spectra (output-aware weighting was worse there). Chosen for ``joint`` at 2x on the
 calibration parts of kjv and fortunes (``benchmarks/mla_defaults.py``); ``separate`` and
 ``decoupled_rope`` get the same defaults, not measured separately.
 """
@@ -60,6 +60,7 @@ class MLAConfig:
     fisher_damping: float = 0.0  # with output_aware="fisher": the weight of the query/o_proj term
     refine: int = 0  # calibration passes over the converted model after the first
     output_correction: bool | str = False  # o_proj refitted by least squares: False, "local" or "global"
+    correction_damping: float = 0.0  # with output_correction: the ridge towards the original o_proj
     calibration_tokens: int = 0
     retained_energy: list[dict[str, float]] = field(default_factory=list)
     finetune: dict = field(default_factory=dict)
@@ -146,8 +147,9 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     squares so that it maps the latent attention's output onto the original attention's on the same
     calibration inputs (``"local"`` or ``True``), or onto the unconverted model's own attention outputs
     (``"global"``) (:mod:`kvforge.mla.correction`; one more forward pass), shrunk towards the original
-    weight by ``correction_damping`` (a share of the mean eigenvalue of the latent outputs' Gram matrix). ``rank_multiple``: every latent width a multiple of this (8 lets any
-    bit width of :mod:`kvforge.quant` pack the latents).
+    weight by ``correction_damping`` (a share of the mean eigenvalue of the latent outputs' Gram matrix).
+    ``rank_multiple``: every latent width a multiple of this (8 lets any bit width of :mod:`kvforge.quant`
+    pack the latents).
 
     ``None`` picks each by the ratio (:func:`conversion_defaults`). Measured on SmolLM2 at 2x (joint),
     worst change over the calibration parts of kjv and fortunes: +14.3% with the previous defaults
@@ -155,8 +157,7 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     Fisher weights instead, +6.7% with Fisher damped by 0.5 (0.2: +7.2%, 1.0: +7.2%); one ``refine`` pass
     gained 0.24 points there but lost 0.18 on the evaluation texts' worst case, so it is off; the local
     output correction kept the worst case (+6.73%) and lowered the mean (+5.58% -> +5.05%), the global one
-    raised the worst to +10.9%. Beyond 2.5x
-    output-aware weighting raised perplexity (4x: 23.9 against 22.5, 8x: 75.6 against 51.5).
+    raised the worst to +10.9%. Beyond 2.5x output-aware weighting raised perplexity (4x: 23.9 against 22.5, 8x: 75.6 against 51.5).
     Raises ``ValueError`` for a bad ratio, rank, option or missing calibration.
     """
     from ..models import fingerprint, text_config
@@ -261,7 +262,9 @@ def convert(model, tokenizer=None, ratio: float | None = None, rank: int | None 
     cfg = MLAConfig(method, ranks, kept_pairs, ratio, base_fp, name or getattr(model, "kvforge_name", ""),
                     whiten, output_aware, key_weight, bias_correction=bias_correction, allocation=allocation,
                     fisher_damping=fisher_damping if output_aware == "fisher" else 0.0, refine=refine,
-                    output_correction=output_correction, calibration_tokens=stats["tokens"])
+                    output_correction=output_correction,
+                    correction_damping=correction_damping if output_correction else 0.0,
+                    calibration_tokens=stats["tokens"])
     new_attns = install(model, cfg)
     cfg.retained_energy = _load_factors(attns, new_attns, impl, mats, lefts, bases, ranks, stats, bias_correction)
     for _ in range(refine):  # the statistics again, as the converted model sees them; the same ranks
