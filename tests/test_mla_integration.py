@@ -87,7 +87,7 @@ def test_cli_convert_then_bench_and_generate_with_the_directory(tmp_path, capsys
 
     out = tmp_path / "smol-2x"
     assert main(["mla", "convert", "--model", "smollm2-135m", "--ratio", "2", "--calibration-pieces", "4",
-                 "--rank-multiple", "8", "-o", str(out)]) == 0
+                 "--rank-multiple", "8", "--output-aware", "on", "--output-correction", "off", "-o", str(out)]) == 0
     assert "2.00x smaller" in capsys.readouterr().out
     assert main(["generate", "--model", str(out), "--prompt", "def add(a, b):", "--max-new-tokens", "4"]) == 0
     spec = "kvforge-quant:preset=safe,rotate=none,fused=off"

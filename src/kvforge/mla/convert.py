@@ -106,10 +106,12 @@ def conversion_defaults(ratio: float, whiten: bool = True) -> dict:
     """What :func:`convert` picks for ``output_aware``, ``bias_correction``, ``allocation``,
     ``fisher_damping``, ``refine`` and ``output_correction`` at ``ratio`` (original KV bytes over the
     latent's): Fisher weights damped by half the query/o_proj ones, bias correction, uniform ranks and the
-    local o_proj refit up to 2.5x; plain whitening and ranks by the spectra beyond (measured: module doc)."""
-    light = ratio <= 2.5
+    local o_proj refit up to 2.5x; plain whitening and ranks by the spectra beyond (measured: module doc).
+    At ``ratio <= 1`` (full rank: nothing is truncated, so no weighting or correction changes the result)
+    none of the calibration passes beyond the statistics are run."""
+    light = 1 < ratio <= 2.5
     return {"output_aware": "fisher" if whiten and light else False, "bias_correction": whiten and light,
-            "allocation": "uniform" if light else "spectrum", "fisher_damping": 0.5, "refine": 0,
+            "allocation": "uniform" if ratio <= 2.5 else "spectrum", "fisher_damping": 0.5, "refine": 0,
             "output_correction": "local" if whiten and light else False}
 
 
