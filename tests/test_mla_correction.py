@@ -12,6 +12,7 @@ from torch import nn
 
 from kvforge.mla import convert
 from kvforge.mla.attention import attention_modules
+from kvforge.mla.convert import conversion_defaults
 from kvforge.mla.correction import correct_outputs
 
 CAL = ["the quick brown fox jumps over the lazy dog, " * 3, "pack my box with five dozen liquor jugs; " * 3]
@@ -138,7 +139,7 @@ def test_a_corrected_conversion_saves_loads_and_records_it(tiny, tmp_path):
     plain, _ = _converted(tiny)
     m, _ = _converted(tiny, output_correction=True)
     assert m.kvforge_mla.output_correction == "local" and not plain.kvforge_mla.output_correction
-    assert m.kvforge_mla.correction_damping == 0.01
+    assert m.kvforge_mla.correction_damping == conversion_defaults(2.0)["correction_damping"] == 1.0
     assert not torch.allclose(attention_modules(m)[0].o_proj.weight, attention_modules(plain)[0].o_proj.weight)
     ids = tok(CAL[0], return_tensors="pt").input_ids
     back = load_converted(save_converted(m, None, tmp_path / "conv"))

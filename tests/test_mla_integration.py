@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from kvforge import generate, load_model
 from kvforge.eval import perplexity
 from kvforge.eval.common import token_windows
-from kvforge.mla import compression, convert, save_converted
+from kvforge.mla import compression, convert, read_config, save_converted
 from kvforge.run import cache_kw
 from kvforge.texts import load_text, text_pieces
 
@@ -87,8 +87,11 @@ def test_cli_convert_then_bench_and_generate_with_the_directory(tmp_path, capsys
 
     out = tmp_path / "smol-2x"
     assert main(["mla", "convert", "--model", "smollm2-135m", "--ratio", "2", "--calibration-pieces", "4",
-                 "--rank-multiple", "8", "--output-aware", "on", "--output-correction", "off", "-o", str(out)]) == 0
+                 "--rank-multiple", "8", "--output-aware", "on", "--output-correction", "local", "--correction-damping", "0.5",
+                 "-o", str(out)]) == 0
     assert "2.00x smaller" in capsys.readouterr().out
+    cfg = read_config(out)
+    assert (cfg.output_aware, cfg.output_correction, cfg.correction_damping) == (True, "local", 0.5)
     assert main(["generate", "--model", str(out), "--prompt", "def add(a, b):", "--max-new-tokens", "4"]) == 0
     spec = "kvforge-quant:preset=safe,rotate=none,fused=off"
     assert main(["bench", "--model", "smollm2-135m", "--variants", str(out), "--caches", spec, "--metrics", "ppl",

@@ -38,6 +38,9 @@ def add_commands(sub) -> None:
                    help="refit each layer's o_proj by least squares to the original attention's output on the "
                         "calibration text: on the converted model's hidden states (local) or the original "
                         "model's (global) (auto: see kvforge.mla.conversion_defaults)")
+    p.add_argument("--correction-damping", type=float,
+                   help="with the output correction: shrink towards the original o_proj by this share of the "
+                        "latent outputs' mean eigenvalue (default 1.0; 0: plain least squares)")
     p.add_argument("--allocation", choices=["auto", "uniform", "spectrum"], default="auto",
                    help="latent widths: the same in every layer, or by the normalised spectra "
                         "(auto: uniform up to 2.5x, else spectrum)")
@@ -82,6 +85,7 @@ def cmd_convert(args) -> int:
                   allocation=None if args.allocation == "auto" else args.allocation,
                   fisher_damping=args.fisher_damping, refine=args.refine,
                   output_correction={"auto": None, "off": False}.get(args.output_correction, args.output_correction),
+                  correction_damping=args.correction_damping,
                   rank_multiple=args.rank_multiple)
     save_converted(model, tok, args.output)
     energy = [sum(e.values()) / len(e) for e in cfg.retained_energy]

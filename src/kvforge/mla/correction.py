@@ -10,9 +10,10 @@ the layer-wise reconstruction objective of post-training compression (Optimal Br
 
     W = argmin_W  sum_t |W_o a_t - W a'_t|^2 + lam |W - W_o|^2_F  =  W_o (A^T A' + lam I) (A'^T A' + lam I)^-1
 
-with ``lam`` a small share (``damping``) of the mean eigenvalue of ``A'^T A'``, so that directions the
+with ``lam`` a share (``damping``) of the mean eigenvalue of ``A'^T A'``, so that directions the
 calibration text barely excites keep the original weight (for ``lam = 0``: the least squares solution
-nearest ``W_o``). Both attentions run in the same forward pass over
+nearest ``W_o``; :func:`~kvforge.mla.convert.convert` uses ``damping=1``, chosen among 0.001 to 1 on
+held-out text: the more shrinkage, the better it held there). Both attentions run in the same forward pass over
 the calibration text (the converted model's hidden states: every layer is fitted on the inputs its
 converted predecessors give it); each row of ``W`` is an independent regression, so no output weighting
 is needed. ``target="global"`` fits to the unconverted model's own attention outputs instead (its hidden
@@ -31,7 +32,7 @@ from .attention import attention_modules
 
 @torch.no_grad()
 def correct_outputs(model, originals: list, tokenizer, texts: list[str], max_tokens: int = 512,
-                    damping: float = 0.01, target: str = "local") -> list[dict[str, float]]:
+                    damping: float = 1.0, target: str = "local") -> list[dict[str, float]]:
     """Refit every converted layer's ``o_proj`` in place (see the module doc); returns per layer the
     relative reconstruction error ``|W_o A - W A'|^2 / |W_o A|^2`` on the calibration text before and after
     (``{"before", "after"}``; "after" is never above "before" for ``damping=0``).
