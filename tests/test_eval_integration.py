@@ -59,7 +59,7 @@ def test_cli_eval_and_bench(tmp_path):
     bad = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9", check=False)
     assert bad.returncode != 0 and "known:" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     r = run_cli("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",
-                 "--metrics", "ppl", "--windows", "1", "--context", "128", "--score", "64",
+                 "--metrics", "ppl", "--windows", "1", "--context", "128", "--score", "64", "--size-tokens", "0",
                  "--out", str(tmp_path))
     (folder,) = list(tmp_path.iterdir())
     assert (folder / "results.md").exists() and (folder / "quality_vs_bytes.png").exists()

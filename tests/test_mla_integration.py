@@ -95,7 +95,8 @@ def test_cli_convert_then_bench_and_generate_with_the_directory(tmp_path, capsys
     assert main(["generate", "--model", str(out), "--prompt", "def add(a, b):", "--max-new-tokens", "4"]) == 0
     spec = "kvforge-quant:preset=safe,rotate=none,fused=off"
     assert main(["bench", "--model", "smollm2-135m", "--variants", str(out), "--caches", spec, "--metrics", "ppl",
-                 "--windows", "1", "--context", "128", "--score", "64", "--out", str(tmp_path / "res")]) == 0
+                 "--windows", "1", "--context", "128", "--score", "64", "--size-tokens", "0",
+                 "--out", str(tmp_path / "res")]) == 0
     folder = next((tmp_path / "res").iterdir())
     rows = {r["cache"]: r for r in json.loads((folder / "results.json").read_text())["results"]}
     latent, quantized = rows["smol-2x + dynamic"]["ppl"], rows[f"smol-2x + {spec}"]["ppl"]
