@@ -166,3 +166,13 @@ def test_bad_correction_options_are_refused_by_name(tiny):
         correct_outputs(conv, originals[:1], tok, CAL)
     with pytest.raises(ValueError, match="non-empty"):
         correct_outputs(conv, originals, tok, [])
+
+
+def test_full_rank_conversions_skip_the_weighting_and_correction_passes(tiny):
+    """At full rank nothing is truncated, so the defaults run no Fisher, bias-correction or o_proj pass (they
+    would change nothing and cost minutes on a real model); at 2x they run all three."""
+    model, tok = tiny
+    assert conversion_defaults(2.0)["output_aware"] == "fisher" and conversion_defaults(2.0)["output_correction"]
+    m = copy.deepcopy(model)
+    cfg = convert(m, tok, calibration=CAL, rank=10**6, method="joint")
+    assert (cfg.output_aware, cfg.bias_correction, cfg.output_correction) == (False, False, False)
