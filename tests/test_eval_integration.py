@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from kvhelpers import run_cli
 
 from kvforge.eval import agreement, default_prompts, needle, perplexity, token_windows
 from kvforge.texts import load_text
@@ -43,24 +42,36 @@ def test_real_model_metrics_detect_a_corrupted_cache(smollm):
     assert broken.mean_accuracy < ok.mean_accuracy
 
 
-def test_cli_eval_and_bench(tmp_path):
-    r = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "preallocated:max_seq_len=256",
-                 "--windows", "1", "--context", "128", "--score", "64", "--json")
-    data = json.loads(r.stdout)
-    assert data["tokens"] == 64 and abs(data["rel_change"]) < 1e-4
-    r = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "kvforge-quant:preset=safe", "--text",
-                "fortunes,jargon", "--windows", "1", "--context", "128", "--score", "64", "--json")
-    data = json.loads(r.stdout)
+def test_cli_eval_and_bench(tmp_path, capsys, monkeypatch):
+    """The CLI in-process (one model load per command, no interpreter start-up; `python -m kvforge` as a separate
+    process is run by test_demo.py and test_quant_integration.py): eval's JSON, the multi-text mean and worst, errors named on one line."""
+    from kvforge.cli import main
+
+    monkeypatch.setenv("KVFORGE_QUIET", "1")
+
+    def cli(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "preallocated:max_seq_len=256",
+                       "--windows", "1", "--context", "128", "--score", "64", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["tokens"] == 64 and abs(data["rel_change"]) < 1e-4
+    code, out, _ = cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "kvforge-quant:preset=safe", "--text",
+                       "fortunes,jargon", "--windows", "1", "--context", "128", "--score", "64", "--json")
+    data = json.loads(out)
     changes = {t: v["rel_change"] for t, v in data["texts"].items()}
     assert set(changes) == {"fortunes", "jargon"} and data["worst_rel_change"] == max(changes.values())
     assert data["mean_rel_change"] == pytest.approx(sum(changes.values()) / 2)
-    bad = run_cli("eval", "agree", "--model", "smollm2-135m", "--text", "fortunes,jargon", check=False)
-    assert bad.returncode != 0 and "takes one text" in bad.stderr
-    bad = run_cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9", check=False)
-    assert bad.returncode != 0 and "known:" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    r = run_cli("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",
-                 "--metrics", "ppl", "--windows", "1", "--context", "128", "--score", "64", "--size-tokens", "0",
-                 "--out", str(tmp_path))
+    code, _, err = cli("eval", "agree", "--model", "smollm2-135m", "--text", "fortunes,jargon")
+    assert code != 0 and "takes one text" in err
+    code, _, err = cli("eval", "ppl", "--model", "smollm2-135m", "--cache", "zip:level=9")
+    assert code != 0 and "known:" in err and len(err.strip().splitlines()) == 1
+    code, _, _ = cli("bench", "--model", "smollm2-135m", "--caches", "dynamic,noisy:std=0.3,hf-quantized:nbits=4",
+                     "--metrics", "ppl", "--windows", "1", "--context", "128", "--score", "64", "--size-tokens", "0",
+                     "--out", str(tmp_path))
+    assert code == 0
     (folder,) = list(tmp_path.iterdir())
     assert (folder / "results.md").exists() and (folder / "quality_vs_bytes.png").exists()
     rows = {x["cache"]: x for x in json.loads((folder / "results.json").read_text())["results"]}
