@@ -108,9 +108,10 @@ class KVLayer(CacheLayerMixin):
     record_past = False  # transformers' switch for rollback (assisted decoding): keep what a window would drop
     batch_tensors: ClassVar[tuple[str, ...]] = ("keys", "values")  # the tensors whose dim 0 is the batch
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """Keep tokens a sliding window would drop until the next ``crop`` (transformers calls this before
-        assisted decoding, which crops rejected draft tokens)."""
+        assisted decoding, which crops rejected draft tokens). Keyword arguments for recurrent layers
+        (``recurrent_states_to_keep``, transformers >= 5.25) do not apply to a KV cache and are ignored."""
         self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:
