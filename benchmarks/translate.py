@@ -153,18 +153,29 @@ def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
     """Exact match on the passage QA set: the target answers from each kind of past (the translation with
     each share of recomputed tokens)."""
     from kvforge import prefill
-    from kvforge.eval.qa import qa_exact_match, qa_set
+    from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set
+    from kvforge.translate.align import prefix_tokens
 
     items = qa_set(n)
 
-    def translated(item, with_tr=tr, own=False, recompute=0.0):
+    def own_prefix(item):
+        """The target's own state of the instruction and worked example (every item's same opening: what a
+        prefix cache holds), cut at a token boundary of the whole context."""
+        ids = t_tok(item.context, return_tensors="pt").input_ids[0]
+        return prefill(tgt, None, ids[: prefix_tokens(t_tok, item.context, len(DEMO))])
+
+    def translated(item, with_tr=tr, own=False, recompute=0.0, prefix=False):
         st = prefill(src, s_tok, item.context)
         return with_tr.translate(st, item.context, src, tgt, s_tok, t_tok,
-                                 own=prefill(tgt, t_tok, item.context) if own else None, recompute=recompute)
+                                 own=prefill(tgt, t_tok, item.context) if own else None, recompute=recompute,
+                                 own_prefix=own_prefix(item) if prefix else None)
 
     conds = {"own prefill": lambda it: prefill(tgt, t_tok, it.context)}
     for f in fractions:
         conds[recompute_name(f)] = (lambda it, f=f: translated(it, recompute=f))
+    for f in fractions:
+        conds[f"own instruction prefix + {recompute_name(f)}"] = (
+            lambda it, f=f: translated(it, recompute=f, prefix=True))
     if fuse is not None:
         conds["fused"] = lambda it: translated(it, fuse, own=True)
     conds["control: another passage translated"] = lambda it: translated(items[(items.index(it) + 1) % len(items)])
@@ -172,12 +183,15 @@ def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
     out = {}
     for name, fn in conds.items():
         r = qa_exact_match(tgt, t_tok, items, fn)
-        out[name] = {"exact_match": r.exact_match, "correct": r.correct, "total": r.total,
+        found = sum(answer_in_reply(p, it.answer) for p, it in zip(r.predictions, items))
+        out[name] = {"exact_match": r.exact_match, "correct": r.correct, "total": r.total, "answer_in_reply": found,
                      "per_kind": r.per_kind(items), "predictions": r.predictions}
-        print(f"QA {name}: {r.correct}/{r.total}", flush=True)
+        print(f"QA {name}: {r.correct}/{r.total} exact, answer in the reply {found}/{r.total}", flush=True)
     src_own = qa_exact_match(src, s_tok, items, lambda it: prefill(src, s_tok, it.context))
-    out["source model, own prefill"] = {"exact_match": src_own.exact_match, "correct": src_own.correct,
-                                        "total": src_own.total, "per_kind": src_own.per_kind(items)}
+    out["source model, own prefill"] = {
+        "exact_match": src_own.exact_match, "correct": src_own.correct, "total": src_own.total,
+        "answer_in_reply": sum(answer_in_reply(p, it.answer) for p, it in zip(src_own.predictions, items)),
+        "per_kind": src_own.per_kind(items)}
     return out
 
 
@@ -362,9 +376,13 @@ def main(argv=None) -> int:
               "", "File size (float16, as shipped): " + ", ".join(f"{k} {v:.1f} MiB" for k, v in sizes.items()) + "."]
     if qa_res:
         lines += ["", f"Passage QA ({args.qa_items} invented facts, exact match; the target answers "
-                  "`Question: ...\\nAnswer:` after the passage):", "",
-                  "| condition | exact match | correct |", "|---|---|---|",
-                  *[f"| {k} | {100 * v['exact_match']:.1f}% | {v['correct']}/{v['total']} |" for k, v in qa_res.items()]]
+                  "`Question: ...\\nAnswer:` after the passage; \"answer in the reply\": the answer appears in the "
+                  "reply's first line, phrased or not; \"own instruction prefix\": the target's own cache of the "
+                  "instruction and worked example that open every context, as a prefix cache holds it, and the "
+                  "passage translated; recomputed shares count all the context's tokens):", "",
+                  "| condition | exact match | correct | answer in the reply |", "|---|---|---|---|",
+                  *[f"| {k} | {100 * v['exact_match']:.1f}% | {v['correct']}/{v['total']} | "
+                    f"{v.get('answer_in_reply', 0)}/{v['total']} |" for k, v in qa_res.items()]]
     if open_ppl:
         lines += ["", "Open questions (same contexts and continuations; PPL of the target, gap recovered against "
                   "no context and own prefill of the whole context):", "",

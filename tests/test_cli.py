@@ -166,3 +166,7 @@ def test_translate_run_refuses_a_recompute_share_outside_0_to_1_before_loading_m
                             "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
                             "--recompute", "1.5")
     assert code == 2 and "--recompute is a share of the context's tokens, 0 to 1; got 1.5" in err
+    code, _, err = run_main(capsys, "translate", "run", "--source", "no-such-model", "--target", "no-such-model",
+                            "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
+                            "--own-prefix-chars", "11")
+    assert code == 2 and "--own-prefix-chars must be within the context's 10 characters; got 11" in err

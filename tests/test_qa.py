@@ -6,7 +6,7 @@ import pytest
 from kvhelpers import one_thread
 
 from kvforge import prefill
-from kvforge.eval.qa import exact_match, first_phrase, normalize, qa_exact_match, qa_set
+from kvforge.eval.qa import answer_in_reply, exact_match, first_phrase, normalize, qa_exact_match, qa_set
 
 
 def test_set_is_deterministic_and_every_answer_is_in_its_passage_once():
@@ -32,6 +32,18 @@ def test_set_is_deterministic_and_every_answer_is_in_its_passage_once():
 ])
 def test_exact_match_normalises_like_squad_and_reads_only_the_first_phrase(prediction, answer, ok):
     assert exact_match(prediction, answer) is ok
+
+
+@pytest.mark.parametrize(("prediction", "answer", "ok"), [
+    (" In the month of August.\nQuestion", "August", True),  # carried, phrased as a sentence
+    (" He is a man named Dorian Crane.", "Dorian Crane", True),
+    (" The password is 1234\njuniper", "juniper", False),  # only the first line counts
+    (" 455", "45", False),  # whole words only
+    (" Mirela V", "Mirela Vey", False),
+    ("", "red", False),
+])
+def test_answer_in_reply_finds_a_phrased_answer_in_the_first_line_only(prediction, answer, ok):
+    assert answer_in_reply(prediction, answer) is ok
 
 
 def test_normalize_and_first_phrase():

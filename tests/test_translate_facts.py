@@ -165,3 +165,75 @@ def test_fact_passages_use_pools_apart_from_the_qa_evaluation_and_mark_answers()
         for b, e in f.answers:
             assert f.continuation[b:e] in f.context.split("Passage: ")[-1]  # the answer is in the last passage
     assert qa.DEMO.split("Passage: ")[1] not in "".join(f.context for f in items)
+
+
+def _prefix_state(model, tok, n, text=CONTEXT):
+    ids = tok(text, return_tensors="pt").input_ids[:, :n]
+    with one_thread():
+        return KVState.from_cache(prefilled_cache(model, ids), model, ids)
+
+
+def test_prefix_tokens_stops_before_a_token_that_crosses_the_boundary():
+    from test_translate import _word_tokenizer
+
+    from kvforge.translate.align import prefix_tokens
+
+    tok = _char_tokenizer()
+    assert prefix_tokens(tok, CONTEXT, 12) == 13  # <bos> and 12 characters
+    assert prefix_tokens(tok, CONTEXT, 0) == 1
+    words = _word_tokenizer()
+    text = CONTEXT[:40]
+    off = words(text, return_offsets_mapping=True)["offset_mapping"]
+    cut = off[3][1] + 1  # one character into the space before the fifth token: that token does not fit
+    n = prefix_tokens(words, text, cut)
+    assert all(e <= cut for _, e in off[:n]) and off[n][1] > cut
+    with pytest.raises(ValueError, match="a prefix of 41 characters of a 40-character text"):
+        prefix_tokens(words, text, 41)
+
+
+def test_an_own_prefix_is_spliced_in_exactly_and_never_recomputed(tiny_llama, tiny_gemma):
+    """The target's own cached opening replaces the translation of those tokens exactly; recomputation draws
+    its share from the other tokens only; own prefix + every other token re-read is the own prefill."""
+    (src, _), (tgt, _) = tiny_llama, tiny_gemma
+    tok = _char_tokenizer()
+    p = 13  # <bos> and 12 characters: within the tiny Gemma's sliding window of 16
+    prefix = _prefix_state(tgt, tok, p)
+    with one_thread():
+        tr = fit(src, tgt, tok, tok, TEXTS[:4], k=2, window=3, window_rank=8, token_rank=16, show_progress=False)
+        s_state = _state(src, tok)
+        plain = tr.translate(s_state, CONTEXT, src, tgt, tok, tok)
+        spliced = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own_prefix=prefix)
+        part = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own_prefix=prefix, recompute=0.2)
+        full = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own_prefix=prefix, recompute=1.0)
+    own = _state(tgt, tok)
+    n = own.num_tokens
+    for a, b, c in zip(spliced.layers, prefix.layers, plain.layers):
+        assert torch.equal(a.keys[:, :, :p], b.keys) and torch.equal(a.values[:, :, :p], b.values)
+        assert torch.equal(a.keys[:, :, p:], c.keys[:, :, p:]) and torch.equal(a.values[:, :, p:], c.values[:, :, p:])
+    assert spliced.meta["own_prefix_tokens"] == p
+    assert part.meta["recomputed_tokens"] == round(0.2 * (n - 1))  # a share of every translated token
+    for a, b, c in zip(part.layers, prefix.layers, spliced.layers):
+        assert torch.equal(a.keys[:, :, :p], b.keys)  # the prefix is never re-read
+        assert not torch.equal(a.keys[:, :, p:], c.keys[:, :, p:]) or a is part.layers[0]
+    assert full.meta["recomputed_tokens"] == n - p
+    for a, b in zip(full.layers, own.layers):
+        assert torch.allclose(a.keys[:, :, -b.length:], b.keys, atol=1e-4)
+        assert torch.allclose(a.values[:, :, -b.length:], b.values, atol=1e-4)
+
+
+def test_an_own_prefix_that_is_not_the_texts_opening_is_refused(tiny_llama, tiny_gemma):
+    (src, _), (tgt, _) = tiny_llama, tiny_gemma
+    tok = _char_tokenizer()
+    with one_thread():
+        tr = fit(src, tgt, tok, tok, TEXTS[:2], k=2, window=3, window_rank=8, token_rank=16, show_progress=False)
+        s_state = _state(src, tok)
+
+        def go(prefix):
+            return tr.translate(s_state, CONTEXT, src, tgt, tok, tok, own_prefix=prefix)
+
+        with pytest.raises(KVStateError, match="differ at token 5"):
+            go(_prefix_state(tgt, tok, 13, CONTEXT[:4] + "#" + CONTEXT[5:]))
+        with pytest.raises(KVStateError, match="state of another model"):
+            go(_prefix_state(src, tok, 13))
+        with pytest.raises(KVStateError, match="holds fewer"):
+            go(_prefix_state(tgt, tok, 40))  # longer than the tiny Gemma's sliding window

@@ -72,6 +72,9 @@ def add_commands(sub) -> None:
                    help="share of the context's tokens the target re-reads over the translation (0 to 1, default 0)")
     p.add_argument("--select", choices=SELECT, default="trust",
                    help="which tokens --recompute re-reads: trust (least trusted by the translator), last")
+    p.add_argument("--own-prefix-chars", type=int, default=0,
+                   help="the target reads the context's first N characters itself (a shared instruction or few-shot "
+                        "block it keeps in its prefix cache); the rest is translated (default 0)")
     p.set_defaults(func=cmd_run)
 
 
@@ -145,19 +148,31 @@ def cmd_run(args) -> int:
         raise ValueError(f"context file not found: {args.context}")
     if not 0.0 <= args.recompute <= 1.0:
         raise ValueError(f"--recompute is a share of the context's tokens, 0 to 1; got {args.recompute}")
+    text = args.context.read_text()
+    if not 0 <= args.own_prefix_chars <= len(text):
+        raise ValueError(f"--own-prefix-chars must be within the context's {len(text)} characters; "
+                         f"got {args.own_prefix_chars}")
     tr = Translator.load(args.translator)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
-    text = args.context.read_text()
     t = time.perf_counter()
     state = prefill(src, s_tok, text)
     t_src = time.perf_counter() - t
+    own_prefix = None
+    if args.own_prefix_chars:
+        from ..translate.align import prefix_tokens
+
+        n = prefix_tokens(t_tok, text, args.own_prefix_chars)
+        ids = t_tok(text, return_tensors="pt").input_ids[0][:n]
+        own_prefix = prefill(tgt, None, ids) if n else None  # in a server: a prefix-cache hit
     t = time.perf_counter()
-    translated = tr.translate(state, text, src, tgt, s_tok, t_tok, recompute=args.recompute, select=args.select)
+    translated = tr.translate(state, text, src, tgt, s_tok, t_tok, recompute=args.recompute, select=args.select,
+                              own_prefix=own_prefix)
     t_tr = time.perf_counter() - t
     out = generate(tgt, t_tok, args.prompt, max_new_tokens=args.max_new_tokens, state=translated)
     print(out.text)
     redone = translated.meta.get("recomputed_tokens", 0)
     print(f"[source prefill {t_src:.2f}s, translation {t_tr:.2f}s, target read {out.forwarded_tokens} tokens "
-          f"of prompt and answer and re-read {redone} of the {translated.num_tokens}-token context]")
+          f"of prompt and answer and re-read {redone} of the {translated.num_tokens}-token context"
+          + (f"; its first {own_prefix.num_tokens} tokens are the target's own prefix" if own_prefix else "") + "]")
     return 0

@@ -129,6 +129,13 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize(first_phrase(prediction)) == normalize(answer)
 
 
+def answer_in_reply(prediction: str, answer: str) -> bool:
+    """The answer appears (normalized, as whole words) in the reply's first line: looser than exact match, it
+    separates a fact that was carried but phrased as a sentence ("In the month of May.") from one that was lost."""
+    line = prediction.strip().split("\n", 1)[0] if prediction.strip() else ""
+    return f" {normalize(answer)} " in f" {normalize(line)} "
+
+
 @dataclass
 class QAResult:
     exact_match: float

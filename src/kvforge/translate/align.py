@@ -39,3 +39,18 @@ def align(text: str, source_tokenizer, target_tokenizer) -> Alignment:
     special = torch.tensor([e <= b for b, e in t_off])
     index = torch.where(special, torch.full_like(j, -1), j)
     return Alignment(s_ids, t_ids, index)
+
+
+def prefix_tokens(tokenizer, text: str, chars: int) -> int:
+    """How many of ``text``'s tokens (specials at the start included) lie wholly within its first ``chars``
+    characters: the longest token prefix of ``text`` that a cached state of ``text[:chars]`` can stand for,
+    whatever the tokenizer does at the boundary. Raises ``ValueError`` for ``chars`` outside ``0..len(text)``."""
+    if not 0 <= chars <= len(text):
+        raise ValueError(f"a prefix of {chars} characters of a {len(text)}-character text")
+    _, off = _encode(tokenizer, text)
+    n = 0
+    for b, e in off:
+        if e > chars and e > b:
+            break
+        n += 1
+    return n

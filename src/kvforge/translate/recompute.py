@@ -22,20 +22,23 @@ SELECT = ("trust", "last")
 
 
 def choose(index: torch.Tensor, fraction: float, select: str = "trust",
-           scores: torch.Tensor | None = None) -> torch.Tensor:
+           scores: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Sorted positions ``[m]`` of the tokens to recompute: ``round(fraction * n)`` of the ``n`` translated tokens
     (``index >= 0``; special tokens are the target's own already). ``trust``: the highest ``scores`` (see
     :meth:`Translator.trust_scores`); ``last``: the last tokens. ``fraction`` 1 takes every token, specials
-    included (the target's own prefill)."""
+    included (the target's own prefill). Positions before ``start`` (an own prefix) are never chosen; the
+    share still counts every translated token."""
     if select not in SELECT:
         raise ValueError(f"unknown recompute selection {select!r}; choose from {', '.join(SELECT)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"recompute is a share of the tokens, 0 to 1; got {fraction}")
     n_all = len(index)
     if fraction >= 1.0:
-        return torch.arange(n_all)
+        return torch.arange(start, n_all)
     candidates = torch.nonzero(index >= 0).flatten()
-    m = min(round(fraction * len(candidates)), len(candidates))
+    m = round(fraction * len(candidates))
+    candidates = candidates[candidates >= start]
+    m = min(m, len(candidates))
     if m == 0:
         return torch.zeros(0, dtype=torch.long)
     if select == "last":
@@ -45,6 +48,38 @@ def choose(index: torch.Tensor, fraction: float, select: str = "trust",
     s = scores[candidates]
     keep = candidates[torch.topk(s, m).indices]
     return keep.sort().values
+
+
+def splice_prefix(state: KVState, prefix: KVState) -> KVState:
+    """``state`` with its first ``prefix.num_tokens`` tokens' keys and values taken from ``prefix``: the target's
+    own cached state of the text's opening (a shared instruction or few-shot block, as prefix caching keeps
+    it). Exact for those tokens, since a prefix attends to nothing after it.
+
+    Raises :class:`~kvforge.state.KVStateError` for a prefix of another model, one whose tokens differ from
+    the state's first tokens, or one whose layers do not hold every prefix token (a sliding layer's window)."""
+    if prefix.fingerprint != state.fingerprint:
+        raise KVStateError(f"the own prefix is a state of another model ({prefix.model_name or 'unnamed'}) than the "
+                           f"translation's ({state.model_name or 'unnamed'})")
+    p = prefix.num_tokens
+    if p > state.num_tokens or not torch.equal(prefix.token_ids[0], state.token_ids[0, :p]):
+        first = next((i for i in range(min(p, state.num_tokens))
+                      if prefix.token_ids[0, i] != state.token_ids[0, i]), min(p, state.num_tokens))
+        raise KVStateError(f"the own prefix's {p} tokens are not the first tokens of the translated text (they differ "
+                           f"at token {first}); cache the prefix as the target tokenizes the whole text "
+                           "(kvforge.translate.align.prefix_tokens)")
+    if any(layer.length != p for layer in prefix.layers) or len(prefix.layers) != len(state.layers):
+        raise KVStateError("the own prefix must hold every one of its tokens in every layer (a sliding layer here "
+                           "holds fewer)")
+    layers = []
+    for la, own in zip(state.layers, prefix.layers):
+        k, v = la.keys.clone(), la.values.clone()
+        own = own.to_dense()
+        k[:, :, :p], v[:, :, :p] = own.keys.to(k), own.values.to(v)
+        layers.append(LayerState.dense(k, v))
+    return KVState(layers, state.token_ids, state.positions, list(state.layer_types), state.fingerprint,
+                   model_name=state.model_name, sliding_window=state.sliding_window,
+                   layer_indices=list(state.layer_indices), num_model_layers=state.num_model_layers,
+                   meta={**state.meta, "own_prefix_tokens": p})
 
 
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, allow_cache: torch.Tensor, window: int | None,

@@ -275,7 +275,7 @@ class Translator(torch.nn.Module):
 
     def translate(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
                   target_tokenizer, own: KVState | None = None, recompute: float = 0.0,
-                  select: str = "trust") -> KVState:
+                  select: str = "trust", own_prefix: KVState | None = None) -> KVState:
         """The target's KV state for ``text``, from the source's ``state`` of the same text.
 
         A ``fuse`` translator mixes the result into ``own``, the target's own state of the same text
@@ -284,7 +284,13 @@ class Translator(torch.nn.Module):
         ``recompute`` (0 to 1): after translation the target re-reads that share of the text's tokens,
         attending to the translated cache, and writes its own keys/values over theirs (CacheBlend's repair;
         see :func:`~kvforge.translate.recompute.recompute`). ``select`` picks them: ``trust`` (the tokens the
-        layer-0 probe trusts least; token-conditioned translators) or ``last`` (the last tokens)."""
+        layer-0 probe trusts least; token-conditioned translators) or ``last`` (the last tokens).
+
+        ``own_prefix``: the target's own state of the text's first tokens (a shared instruction or few-shot
+        block it has cached, as prefix caching keeps a system prompt; cut it at a token boundary of the whole
+        text with :func:`~kvforge.translate.align.prefix_tokens`). Those tokens keep the target's own keys and
+        values and are never recomputed; the rest is translated (and repaired). Raises
+        :class:`~kvforge.state.KVStateError` for a prefix that is not the text's opening in the target's tokens."""
         if self.config.identity:
             self.check_pair(source_model, target_model)
             return state
@@ -302,13 +308,21 @@ class Translator(torch.nn.Module):
                 raise ValueError(f"unknown recompute selection {select!r}; choose from {', '.join(SELECT)}")
             if select == "trust" and not self.config.token_conditioned:
                 raise ValueError("recompute selection 'trust' needs a token-conditioned translator (token_rank > 0)")
+        if own_prefix is not None and mode.needs_own:
+            raise ValueError("own_prefix is for a replace-mode translation; a fuse translator has the target's own "
+                             "state of the whole text")
         inputs, out = self._translated(state, text, source_model, target_model, source_tokenizer, target_tokenizer)
+        start = 0
+        if own_prefix is not None:
+            from .recompute import splice_prefix
+
+            out, start = splice_prefix(out, own_prefix), own_prefix.num_tokens
         if recompute:
             from .recompute import choose
             from .recompute import recompute as redo
 
             scores = self.trust_scores(inputs) if select == "trust" else None
-            out = redo(target_model, out, choose(inputs.a.index, recompute, select, scores))
+            out = redo(target_model, out, choose(inputs.a.index, recompute, select, scores, start=start))
         return mode.combine(self, own, out)
 
     def translated(self, state: KVState, text: str, source_model, target_model, source_tokenizer,
