@@ -92,3 +92,29 @@ def test_shipped_translator_carries_facts_and_recomputation_repairs_more(smollm,
     repaired = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, 0.25)).correct
     control = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, other=items[(items.index(it) + 1) % 16]))
     assert plain >= 1 and repaired > plain and control.correct <= 1  # benchmark, 40 items: 6, 14 and 0
+
+
+def test_own_instruction_prefix_with_recomputation_answers_more_than_recomputation_alone(smollm, real_gemma):
+    """Gemma's own cache of the instruction and worked example (a prefix-cache hit) + SmolLM2's translated
+    passage, 10% of the tokens re-read: more answers than the same share re-read over a fully translated
+    context; the prefix alone, never the passage, answers nothing."""
+    from kvforge.eval.qa import DEMO, qa_exact_match, qa_set
+    from kvforge.generate import prefill
+    from kvforge.translate.align import prefix_tokens
+
+    (src, s_tok), (tgt, t_tok) = smollm, real_gemma
+    tr = load("smollm2-135m", "gemma3-270m", src, tgt)
+    items = qa_set(12, seed=11)
+
+    def own_prefix(item):
+        ids = t_tok(item.context, return_tensors="pt").input_ids[0]
+        return prefill(tgt, None, ids[: prefix_tokens(t_tok, item.context, len(DEMO))])
+
+    def translated(item, prefix):
+        return tr.translate(prefill(src, s_tok, item.context), item.context, src, tgt, s_tok, t_tok, recompute=0.1,
+                            own_prefix=own_prefix(item) if prefix else None)
+
+    alone = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, False)).correct
+    with_prefix = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, True)).correct
+    prefix_only = qa_exact_match(tgt, t_tok, items, own_prefix).correct
+    assert with_prefix > alone and prefix_only == 0, (with_prefix, alone, prefix_only)
