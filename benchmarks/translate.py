@@ -5,7 +5,9 @@ the eval split scores the target's perplexity on a continuation given: its own p
 (upper bound), the translated source cache (the target never reads the context), the translation with
 each ``--recompute`` share of its tokens re-read by the target, another piece's translated context
 (control), and no context (lower bound). "Gap recovered" = (PPL_none - PPL_x) / (PPL_none - PPL_own).
-Passage QA (``kvforge.eval.qa``, exact match) for the same conditions. Times source prefill + translation
+Passage QA (``kvforge.eval.qa``, exact match, and whether the answer appears in the reply's first line) for
+the same conditions, and for each share with the target's own cached instruction and worked example as the
+context's opening (``own_prefix=``: a prefix-cache hit) and only the passage translated. Times source prefill + translation
 vs target prefill, and translation (+ recomputation) as a share of the target's own prefill at
 ``--time-lengths``; the file size next to source-only maps of the same pair.
 
