@@ -156,15 +156,14 @@ def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
     each share of recomputed tokens)."""
     from kvforge import prefill
     from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set
-    from kvforge.translate.align import prefix_tokens
+    from kvforge.translate.recompute import own_prefix_state
 
     items = qa_set(n)
 
     def own_prefix(item):
         """The target's own state of the instruction and worked example (every item's same opening: what a
         prefix cache holds), cut at a token boundary of the whole context."""
-        ids = t_tok(item.context, return_tensors="pt").input_ids[0]
-        return prefill(tgt, None, ids[: prefix_tokens(t_tok, item.context, len(DEMO))])
+        return own_prefix_state(tgt, t_tok, item.context, len(DEMO))
 
     def translated(item, with_tr=tr, own=False, recompute=0.0, prefix=False):
         st = prefill(src, s_tok, item.context)

@@ -36,8 +36,7 @@ from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set  # noq
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import CALIBRATION_MIX, calibration_text  # noqa: E402
 from kvforge.translate import load  # noqa: E402
-from kvforge.translate.align import prefix_tokens  # noqa: E402
-from kvforge.translate.recompute import recompute  # noqa: E402
+from kvforge.translate.recompute import own_prefix_state, recompute  # noqa: E402
 
 RULES = ("none", "trust", "last", "rare", "hybrid", "rare-span", "query", "oracle-answer", "oracle-sentence",
          "prefix+trust")
@@ -128,10 +127,9 @@ def main(argv=None) -> int:
             shares.append(len(idx) / len(cand))
             return recompute(tgt, out, idx)
         if rule == "prefix+trust":
-            p = prefix_tokens(t_tok, item.context, len(DEMO))
-            own = prefill(tgt, None, ids[:p])
             return tr.translate(prefill(src, s_tok, item.context), item.context, src, tgt, s_tok, t_tok,
-                                recompute=args.fraction, own_prefix=own)
+                                recompute=args.fraction,
+                                own_prefix=own_prefix_state(tgt, t_tok, item.context, len(DEMO)))
         if rule == "oracle-answer":
             c0 = item.context.index(item.answer, len(DEMO))
             score = torch.full((n,), -1e9)

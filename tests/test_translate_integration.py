@@ -100,15 +100,14 @@ def test_own_instruction_prefix_with_recomputation_answers_more_than_recomputati
     context; the prefix alone, never the passage, answers nothing."""
     from kvforge.eval.qa import DEMO, qa_exact_match, qa_set
     from kvforge.generate import prefill
-    from kvforge.translate.align import prefix_tokens
+    from kvforge.translate.recompute import own_prefix_state
 
     (src, s_tok), (tgt, t_tok) = smollm, real_gemma
     tr = load("smollm2-135m", "gemma3-270m", src, tgt)
     items = qa_set(8, seed=11)  # 8 items keep CI under its limit: 2 answered alone, 5 with the prefix here
 
     def own_prefix(item):
-        ids = t_tok(item.context, return_tensors="pt").input_ids[0]
-        return prefill(tgt, None, ids[: prefix_tokens(t_tok, item.context, len(DEMO))])
+        return own_prefix_state(tgt, t_tok, item.context, len(DEMO))
 
     def translated(item, prefix):
         return tr.translate(prefill(src, s_tok, item.context), item.context, src, tgt, s_tok, t_tok, recompute=0.1,

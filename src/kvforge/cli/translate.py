@@ -158,13 +158,9 @@ def cmd_run(args) -> int:
     t = time.perf_counter()
     state = prefill(src, s_tok, text)
     t_src = time.perf_counter() - t
-    own_prefix = None
-    if args.own_prefix_chars:
-        from ..translate.align import prefix_tokens
+    from ..translate.recompute import own_prefix_state
 
-        n = prefix_tokens(t_tok, text, args.own_prefix_chars)
-        ids = t_tok(text, return_tensors="pt").input_ids[0][:n]
-        own_prefix = prefill(tgt, None, ids) if n else None  # in a server: a prefix-cache hit
+    own_prefix = own_prefix_state(tgt, t_tok, text, args.own_prefix_chars)  # in a server: a prefix-cache hit
     t = time.perf_counter()
     translated = tr.translate(state, text, src, tgt, s_tok, t_tok, recompute=args.recompute, select=args.select,
                               own_prefix=own_prefix)

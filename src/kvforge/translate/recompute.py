@@ -82,6 +82,19 @@ def splice_prefix(state: KVState, prefix: KVState) -> KVState:
                    meta={**state.meta, "own_prefix_tokens": p})
 
 
+def own_prefix_state(model, tokenizer, text: str, chars: int) -> KVState | None:
+    """The model's own state of ``text``'s opening: the tokens of the whole text that lie within its first
+    ``chars`` characters (:func:`~kvforge.translate.align.prefix_tokens`), prefilled; ``None`` when none do.
+    In a server this is a prefix-cache hit. Raises ``ValueError`` for ``chars`` outside ``0..len(text)``."""
+    from ..generate import prefill
+    from .align import prefix_tokens
+
+    n = prefix_tokens(tokenizer, text, chars)
+    if n == 0:
+        return None
+    return prefill(model, None, tokenizer(text, return_tensors="pt").input_ids[0][:n])
+
+
 def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, allow_cache: torch.Tensor, window: int | None,
           dtype: torch.dtype) -> torch.Tensor:
     """Additive ``[1, 1, m, n + m]`` mask: a recomputed token at ``q_pos`` sees the cached tokens in
