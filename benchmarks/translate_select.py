@@ -5,12 +5,13 @@ then re-reads ``--fraction`` of the context's tokens chosen by each rule below a
 Rules that a user can run (``trust``, ``last``, ``rare``, ``hybrid``, ``rare-span``, ``query``) are compared
 with two oracles that know where the answer is (``oracle-answer``: the answer's own tokens; ``oracle-sentence``:
 the whole sentence that states the fact, whatever its share) and with the target's own cached instruction
-prefix plus ``trust`` (``prefix+trust``, what ``Translator.translate(own_prefix=...)`` does).
+prefix first (``prefix+RULE``, what ``Translator.translate(own_prefix=...)`` does before its selection).
 
 - ``rare``: the tokens least frequent in the calibration parts of the mix (the target's tokenizer, 400k
   characters of each text);
 - ``hybrid``: the sum of the trust and rarity ranks;
 - ``rare-span``: rarity averaged over 7 neighbouring tokens (re-read contiguous stretches);
+- ``sentence``: whole sentences, the least trusted on average first (``select="sentence"`` of the library);
 - ``query``: the context tokens the question's tokens attend to most over the translated cache (every layer
   and head, eager attention), averaged over 5 neighbours: the target reads the question first.
 
@@ -36,10 +37,13 @@ from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set  # noq
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import CALIBRATION_MIX, calibration_text  # noqa: E402
 from kvforge.translate import load  # noqa: E402
-from kvforge.translate.recompute import own_prefix_state, recompute  # noqa: E402
+from kvforge.translate.recompute import by_sentence, own_prefix_state, recompute, sentence_ids, splice_prefix  # noqa: E402
 
-RULES = ("none", "trust", "last", "rare", "hybrid", "rare-span", "query", "oracle-answer", "oracle-sentence",
-         "prefix+trust")
+BASE = ("none", "trust", "last", "rare", "hybrid", "rare-span", "query", "sentence", "oracle-answer",
+        "oracle-sentence")
+RULES = (*BASE, *(f"prefix+{r}" for r in BASE))
+DEFAULT = ("none", "trust", "last", "rare", "hybrid", "rare-span", "query", "sentence", "oracle-answer",
+           "oracle-sentence", "prefix+trust", "prefix+sentence")
 
 
 def rank(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="gemma3-270m")
     ap.add_argument("--fraction", type=float, default=0.1, help="share of the context's tokens re-read")
     ap.add_argument("--items", type=int, default=40)
-    ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, from {', '.join(RULES)}")
+    ap.add_argument("--rules", default=",".join(DEFAULT),
+                    help=f"comma-separated, from {', '.join(BASE)}, each also as prefix+RULE (the target's own "
+                         "instruction prefix first)")
+    ap.add_argument("--seed", type=int, default=0, help="QA set seed (0: the set benchmarks/translate.py reads)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     rules = args.rules.split(",")
@@ -98,7 +105,8 @@ def main(argv=None) -> int:
         ap.error(f"--fraction is a share of the tokens, between 0 and 1; got {args.fraction}")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     record = Results(args.out, folder_name(f"translate-select-{args.source}-to-{args.target}", settings,
-                                           f"f{args.fraction:g}", f"qa{args.items}"), settings)
+                                           f"f{args.fraction:g}", f"qa{args.items}", *([f"seed{args.seed}"] if args.seed else [])),
+                                settings)
     torch.set_num_threads(1)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
@@ -106,17 +114,23 @@ def main(argv=None) -> int:
     counts = collections.Counter()
     for name in CALIBRATION_MIX:
         counts.update(t_tok(calibration_text(name)[:400_000], add_special_tokens=False)["input_ids"])
-    items = qa_set(args.items)
+    items = qa_set(args.items, seed=args.seed)
 
     def state_for(item, rule):
         inputs = tr.prepare(prefill(src, s_tok, item.context), item.context, src, tgt, s_tok, t_tok)
         out = tr.build_state(tr.project(inputs), inputs.a, tgt)
+        with_prefix, rule, start = rule.startswith("prefix+"), rule.removeprefix("prefix+"), 0
+        if with_prefix:  # the target's own instruction and worked example, then the rule within the passage
+            own = own_prefix_state(tgt, t_tok, item.context, len(DEMO))
+            out, start = splice_prefix(out, own), own.num_tokens
         if rule == "none":
             return out
         index, ids = inputs.a.index, inputs.a.target_ids
         n = len(ids)
         cand = torch.nonzero(index >= 0).flatten()
-        m = round(args.fraction * len(cand))
+        m = round(args.fraction * len(cand))  # the share counts every translated token, as choose() does
+        cand = cand[cand >= start]
+        m = min(m, len(cand))
         shift = n - len(t_tok(item.context, add_special_tokens=False)["input_ids"])
         rare = torch.tensor([-math.log1p(counts[int(t)]) for t in ids])
         if rule == "oracle-sentence":
@@ -126,15 +140,13 @@ def main(argv=None) -> int:
             idx = torch.tensor(char_span_tokens(t_tok, item.context, lo, hi, shift))
             shares.append(len(idx) / len(cand))
             return recompute(tgt, out, idx)
-        if rule == "prefix+trust":
-            return tr.translate(prefill(src, s_tok, item.context), item.context, src, tgt, s_tok, t_tok,
-                                recompute=args.fraction,
-                                own_prefix=own_prefix_state(tgt, t_tok, item.context, len(DEMO)))
         if rule == "oracle-answer":
             c0 = item.context.index(item.answer, len(DEMO))
             score = torch.full((n,), -1e9)
             score[char_span_tokens(t_tok, item.context, c0, c0 + len(item.answer), shift)] = 1.0
             score = score + 1e-3 * rank(rare)  # the answer's tokens, then the rarest
+        elif rule == "sentence":
+            score = by_sentence(tr.trust_scores(inputs), sentence_ids(t_tok, item.context))
         else:
             score = {"trust": lambda: tr.trust_scores(inputs),
                      "last": lambda: torch.arange(n, dtype=torch.float),

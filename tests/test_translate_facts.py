@@ -15,7 +15,7 @@ from kvforge.artifacts import ArtifactError
 from kvforge.state import KVStateError
 from kvforge.translate import Translator, fit, unrotated
 from kvforge.translate.features import source_window, token_features, token_local
-from kvforge.translate.recompute import choose, recompute
+from kvforge.translate.recompute import by_sentence, choose, recompute, sentence_ids
 
 TEXTS = [CONTEXT[i:] + CONTEXT[:i] for i in range(0, 80, 10)]
 
@@ -99,6 +99,30 @@ def test_choose_picks_the_share_of_translated_tokens_by_score_or_from_the_end():
         choose(index, 1.5)
 
 
+def test_sentence_ids_split_at_sentence_ends_and_line_breaks_not_inside_numbers():
+    """A sentence ends at ".", "!" or "?" before white space (line breaks right after belong to it) or at a line
+    break; "1.5" is no end; the special <bos> is in none."""
+    text = "Ab. Cd?\nEf 1.5 g!\n\nQuestion: x\nHi"
+    got = sentence_ids(_char_tokenizer(), text).tolist()
+    want = [-1] + [0] * 3 + [1] * 5 + [2] * 11 + [3] * 12 + [4] * 2
+    assert got == want, got
+
+
+def test_choose_by_sentence_takes_whole_sentences_least_trusted_first():
+    """``by_sentence`` orders sentences by their mean score, tokens within by their own: the top tokens are the
+    whole sentence with the highest mean, then the best of the next; specials rank lowest."""
+    sentences = torch.tensor([-1, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    scores = torch.tensor([float("-inf"), 1, 1, 9, 4, 4, 4, 4, 0, 2])  # means: 3.67, 4, 1
+    index = torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+    s = by_sentence(scores, sentences)
+    assert s[0] == float("-inf")
+    assert choose(index, 5 / 9, "sentence", s).tolist() == [3, 4, 5, 6, 7]  # sentence 1, then sentence 0's best
+    assert choose(index, 1 / 9, "trust", scores).tolist() == [3]  # token by token, the 9 wins
+    assert choose(index, 3 / 9, "sentence", s, start=5).tolist() == [5, 6, 7]  # never before an own prefix
+    with pytest.raises(ValueError, match="'sentence' needs scores"):
+        choose(index, 0.5, "sentence")
+
+
 def test_token_conditioned_translator_writes_exact_layer_0_scores_trust_and_round_trips(tiny_llama, tiny_gemma,
                                                                                          tmp_path):
     (src, _), (tgt, _) = tiny_llama, tiny_gemma
@@ -128,6 +152,13 @@ def test_token_conditioned_translator_writes_exact_layer_0_scores_trust_and_roun
         tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=2.0)
     with pytest.raises(ValueError, match="unknown recompute selection"):
         tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=0.1, select="random")
+    with one_thread():  # select="sentence": the trust scores grouped by the target tokenizer's sentences
+        by_sent = tr.translate(s_state, CONTEXT, src, tgt, tok, tok, recompute=0.3, select="sentence")
+        idx = choose(inputs.a.index, 0.3, "sentence", by_sentence(scores, sentence_ids(tok, CONTEXT)))
+        want = recompute(tgt, out, idx)
+    assert by_sent.meta["recomputed_tokens"] == len(idx) == round(0.3 * (own.num_tokens - 1))
+    for a, b in zip(by_sent.layers, want.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_a_translator_file_of_an_older_format_is_refused_by_name(tiny_llama, tmp_path):

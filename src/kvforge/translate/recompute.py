@@ -13,19 +13,54 @@ this is exactly the target's own prefill; with a share ``f`` of them it costs ab
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .. import run
 from ..state import KVState, KVStateError, LayerState
 
-SELECT = ("trust", "last")
+SELECT = ("trust", "sentence", "last")
+_SENTENCE_END = re.compile(r"[.!?](?=\s)\n*|\n+")  # line breaks after an end belong to its sentence
+
+
+def sentence_ids(tokenizer, text: str) -> torch.Tensor:
+    """``[n]`` the sentence each of ``text``'s tokens (as ``tokenizer`` reads the whole text, specials included)
+    starts in, counting from 0; -1 for special tokens. A sentence ends at ".", "!" or "?" before white space, or
+    at a line break (so "Question: ..." and "Answer: ..." lines are sentences of their own)."""
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    if "offset_mapping" not in enc:
+        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; a fast tokenizer is needed")
+    ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(text)], dtype=torch.long)
+    starts = torch.tensor([b if e > b else -1 for b, e in enc["offset_mapping"]], dtype=torch.long)
+    ids = torch.searchsorted(ends, starts, right=True)
+    return torch.where(starts < 0, -1, ids)
+
+
+def by_sentence(scores: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+    """``[n]`` scores that order tokens by their sentence's mean score first (over its finite scores), then by
+    their own: top-k of them takes whole sentences, the highest-scoring first, and the best tokens of the last
+    one in part. Tokens outside any sentence (``sentences`` -1) rank lowest."""
+    out = torch.full_like(scores, float("-inf"), dtype=torch.float)
+    labels = sentences[sentences >= 0].unique()
+    means = torch.stack([scores[(sentences == s) & torch.isfinite(scores)].float().mean().nan_to_num(float("-inf"))
+                         for s in labels]) if len(labels) else torch.zeros(0)
+    order = torch.empty(len(labels), dtype=torch.float)
+    order[means.argsort(stable=True)] = torch.arange(len(labels), dtype=torch.float)
+    for s, o in zip(labels.tolist(), order.tolist()):
+        members = torch.nonzero(sentences == s).flatten()
+        within = torch.empty(len(members))
+        within[scores[members].argsort(stable=True)] = torch.arange(len(members), dtype=torch.float)
+        out[members] = o + within / len(members)  # in [o, o + 1): the sentence's rank, then the token's
+    return out
 
 
 def choose(index: torch.Tensor, fraction: float, select: str = "trust",
            scores: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Sorted positions ``[m]`` of the tokens to recompute: ``round(fraction * n)`` of the ``n`` translated tokens
     (``index >= 0``; special tokens are the target's own already). ``trust``: the highest ``scores`` (see
-    :meth:`Translator.trust_scores`); ``last``: the last tokens. ``fraction`` 1 takes every token, specials
+    :meth:`Translator.trust_scores`); ``sentence``: the same, given :func:`by_sentence` scores (whole sentences,
+    the least trusted on average first); ``last``: the last tokens. ``fraction`` 1 takes every token, specials
     included (the target's own prefill). Positions before ``start`` (an own prefix) are never chosen; the
     share still counts every translated token."""
     if select not in SELECT:
@@ -44,7 +79,7 @@ def choose(index: torch.Tensor, fraction: float, select: str = "trust",
     if select == "last":
         return candidates[-m:]
     if scores is None:
-        raise ValueError("recompute selection 'trust' needs the translator's trust scores")
+        raise ValueError(f"recompute selection {select!r} needs scores (the translator's trust scores)")
     s = scores[candidates]
     keep = candidates[torch.topk(s, m).indices]
     return keep.sort().values

@@ -284,7 +284,8 @@ class Translator(torch.nn.Module):
         ``recompute`` (0 to 1): after translation the target re-reads that share of the text's tokens,
         attending to the translated cache, and writes its own keys/values over theirs (CacheBlend's repair;
         see :func:`~kvforge.translate.recompute.recompute`). ``select`` picks them: ``trust`` (the tokens the
-        layer-0 probe trusts least; token-conditioned translators) or ``last`` (the last tokens).
+        layer-0 probe trusts least; token-conditioned translators), ``sentence`` (whole sentences, the least
+        trusted on average first: it keeps a fact's clause together) or ``last`` (the last tokens).
 
         ``own_prefix``: the target's own state of the text's first tokens (a shared instruction or few-shot
         block it has cached, as prefix caching keeps a system prompt; cut it at a token boundary of the whole
@@ -306,8 +307,8 @@ class Translator(torch.nn.Module):
             from .recompute import SELECT
             if select not in SELECT:
                 raise ValueError(f"unknown recompute selection {select!r}; choose from {', '.join(SELECT)}")
-            if select == "trust" and not self.config.token_conditioned:
-                raise ValueError("recompute selection 'trust' needs a token-conditioned translator (token_rank > 0)")
+            if select != "last" and not self.config.token_conditioned:
+                raise ValueError(f"recompute selection {select!r} needs a token-conditioned translator (token_rank > 0)")
         if own_prefix is not None and mode.needs_own:
             raise ValueError("own_prefix is for a replace-mode translation; a fuse translator has the target's own "
                              "state of the whole text")
@@ -318,10 +319,12 @@ class Translator(torch.nn.Module):
 
             out, start = splice_prefix(out, own_prefix), own_prefix.num_tokens
         if recompute:
-            from .recompute import choose
+            from .recompute import by_sentence, choose, sentence_ids
             from .recompute import recompute as redo
 
-            scores = self.trust_scores(inputs) if select == "trust" else None
+            scores = self.trust_scores(inputs) if select != "last" else None
+            if select == "sentence":
+                scores = by_sentence(scores, sentence_ids(target_tokenizer, text))
             out = redo(target_model, out, choose(inputs.a.index, recompute, select, scores, start=start))
         return mode.combine(self, own, out)
 
