@@ -37,6 +37,7 @@ from kvforge.texts import load_text  # noqa: E402
 from kvforge.texts import text_pieces as pieces  # noqa: E402
 from kvforge.translate import Translator, TranslatorConfig, calibration_texts, fit  # noqa: E402
 from kvforge.translate.evaluate import continuation_token_nll, prefill_state  # noqa: E402
+from kvforge.translate.recompute import SELECT  # noqa: E402
 from kvforge.translate.registry import weights_path  # noqa: E402
 
 BUCKETS = [(0, 16), (16, 48), (48, 128)]  # continuation token ranges: does the benefit decay?
@@ -93,7 +94,8 @@ def file_mib(tr: Translator) -> float:
 
 
 @torch.inference_mode()
-def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, lengths=(256, 1024, 4096)) -> list[dict]:
+def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, lengths=(256, 1024, 4096),
+                    select: str = "sentence") -> list[dict]:
     """Translation (+ recomputation of each share of the tokens) against the target's own prefill of the same
     text, best of 2, at each context length in target tokens."""
     rows = []
@@ -112,7 +114,7 @@ def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, leng
             row["source_only_maps"] = min(row["source_only_maps"], time.perf_counter() - t)
             for f in fractions:
                 t = time.perf_counter()
-                tr.translate(st, piece, src, tgt, s_tok, t_tok, recompute=f)
+                tr.translate(st, piece, src, tgt, s_tok, t_tok, recompute=f, select=select)
                 row[f"translate+{f:g}"] = min(row.get(f"translate+{f:g}", float("inf")), time.perf_counter() - t)
         rows.append(row)
         print(f"time at {len(t_ids)} tokens: target prefill {row['target_prefill']:.2f}s, "
@@ -151,7 +153,7 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
     return rows
 
 
-def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
+def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,), select: str = "sentence") -> dict:
     """Exact match on the passage QA set: the target answers from each kind of past (the translation with
     each share of recomputed tokens)."""
     from kvforge import prefill
@@ -169,6 +171,7 @@ def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,)) -> dict:
         st = prefill(src, s_tok, item.context)
         return with_tr.translate(st, item.context, src, tgt, s_tok, t_tok,
                                  own=prefill(tgt, t_tok, item.context) if own else None, recompute=recompute,
+                                 select=select,
                                  own_prefix=own_prefix(item) if prefix else None)
 
     conds = {"own prefill": lambda it: prefill(tgt, t_tok, it.context)}
@@ -221,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qa-items", type=int, default=40, help="passage QA items (0: skip QA)")
     ap.add_argument("--recompute", default="0,0.05,0.1,0.25",
                     help="shares of the context's tokens the target recomputes over the translation (comma-separated)")
+    ap.add_argument("--select", choices=SELECT, default="sentence",
+                    help="which tokens each --recompute share re-reads (Translator.translate's select)")
     ap.add_argument("--time-lengths", default="256,1024,4096", help="context lengths (target tokens) timed")
     ap.add_argument("--no-open-questions", action="store_true", help="skip layer subsets, mixing, smallest cache")
     ap.add_argument("--save", type=Path, help="save the fitted translator here")
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
     name = folder_name(f"translate-{args.source}-to-{args.target}", settings,
                       "shipped" if args.shipped else "loaded" if args.translator else args.strategy,
                       f"e{args.eval_pieces}x{args.context_chars}+{args.score_tokens}",
-                      f"qa{args.qa_items}")
+                      f"qa{args.qa_items}", f"select-{args.select}")
     record = Results(args.out, name, settings)
 
     src, s_tok = load_model(args.source)
@@ -287,7 +292,8 @@ def main(argv=None) -> int:
         states = {"own": own, "translated": translated[: len(t_ids) - 1], "control": control[: control.num_tokens - 1],
                   "none": none_state}
         for f in extra:
-            states[recompute_name(f)] = tr.translate(s_state, ctx, src, tgt, s_tok, t_tok, recompute=f)[: len(t_ids) - 1]
+            states[recompute_name(f)] = tr.translate(s_state, ctx, src, tgt, s_tok, t_tok, recompute=f,
+                                                     select=args.select)[: len(t_ids) - 1]
         if fuse is not None:
             own_full = prefill_state(tgt, t_ids)
             states["fused"] = fuse.translate(s_state, ctx, src, tgt, s_tok, t_tok, own=own_full)[: len(t_ids) - 1]
@@ -320,11 +326,11 @@ def main(argv=None) -> int:
     speed = ttft(src, s_tok, tgt, t_tok, tr, ev[200_000:])
     twin = source_only_twin(tr)
     lengths = [int(x) for x in args.time_lengths.split(",")]
-    rtimes = recompute_times(src, s_tok, tgt, t_tok, tr, twin, ev[200_000:], fractions, lengths)
+    rtimes = recompute_times(src, s_tok, tgt, t_tok, tr, twin, ev[200_000:], fractions, lengths, args.select)
     sizes = {"this translator": file_mib(tr), "source-only maps (format 1 shapes)": file_mib(twin)}
     gap = {k: (ppl["none"] - ppl[k]) / (ppl["none"] - ppl["own"]) for k in conds if k not in ("own", "none")}
     open_ppl = {k: math.exp(a / n) for k, (a, n) in opens.items()}
-    qa_res = qa(src, s_tok, tgt, t_tok, tr, fuse, args.qa_items, fractions) if args.qa_items else {}
+    qa_res = qa(src, s_tok, tgt, t_tok, tr, fuse, args.qa_items, fractions, args.select) if args.qa_items else {}
     lines = [
         f"# KV translation {args.source} -> {args.target} (replace mode, ridge fit"
         + (f" + {tr.config.trained_steps} KL-distillation steps" if tr.config.trained_steps else "")
@@ -380,7 +386,8 @@ def main(argv=None) -> int:
                   "`Question: ...\\nAnswer:` after the passage; \"answer in the reply\": the answer appears in the "
                   "reply's first line, phrased or not; \"own instruction prefix\": the target's own cache of the "
                   "instruction and worked example that open every context, as a prefix cache holds it, and the "
-                  "passage translated; recomputed shares count all the context's tokens):", "",
+                  f"passage translated; recomputed shares count all the context's tokens, chosen by "
+                  f"select={args.select!r}):", "",
                   "| condition | exact match | correct | answer in the reply |", "|---|---|---|---|",
                   *[f"| {k} | {100 * v['exact_match']:.1f}% | {v['correct']}/{v['total']} | "
                     f"{v.get('answer_in_reply', 0)}/{v['total']} |" for k, v in qa_res.items()]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -117,3 +118,27 @@ def test_own_instruction_prefix_with_recomputation_answers_more_than_recomputati
     with_prefix = qa_exact_match(tgt, t_tok, items, lambda it: translated(it, True)).correct
     prefix_only = qa_exact_match(tgt, t_tok, items, own_prefix).correct
     assert with_prefix > alone and prefix_only == 0, (with_prefix, alone, prefix_only)  # benchmark, 40: 21 vs 10
+
+
+def test_translate_run_cli_reads_its_own_prefix_and_re_reads_a_share(tmp_path, capsys):
+    """``kvforge translate run --own-prefix-chars N --recompute 0.1``: the target's own cache of the
+    instruction block, the passage translated, 10% of the context's translated tokens re-read; the report line
+    counts both, and the answer is generated from that state."""
+    from kvforge.cli import main
+    from kvforge.eval.qa import DEMO, qa_set
+    from kvforge.translate.registry import weights_path
+
+    item = qa_set(1, seed=3)[0]
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(item.context)
+    code = main(["translate", "run", "--source", "smollm2-135m", "--target", "gemma3-270m", "--translator",
+                 str(weights_path("smollm2-135m", "gemma3-270m")), "--context", str(ctx), "--prompt", item.prompt,
+                 "--max-new-tokens", "8", "--recompute", "0.1", "--select", "sentence",
+                 "--own-prefix-chars", str(len(DEMO))])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[0].strip()  # the answer, then the report
+    m = re.search(r"re-read (\d+) of the (\d+)-token context; its first (\d+) tokens are the target's own prefix",
+                  out[-1])
+    assert m, out[-1]
+    redone, total, own = map(int, m.groups())
+    assert 55 <= own <= 70 and redone == round(0.1 * (total - 1))  # the share counts every translated token

@@ -70,9 +70,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--recompute", type=float, default=0.0,
                    help="share of the context's tokens the target re-reads over the translation (0 to 1, default 0)")
-    p.add_argument("--select", choices=SELECT, default="trust",
+    p.add_argument("--select", choices=SELECT, default="sentence",
                    help="which tokens --recompute re-reads: trust (least trusted by the translator), sentence "
-                        "(whole sentences, least trusted on average first), last (default trust)")
+                        "(whole sentences, least trusted on average first; the default), last")
     p.add_argument("--own-prefix-chars", type=int, default=0,
                    help="the target reads the context's first N characters itself (a shared instruction or few-shot "
                         "block it keeps in its prefix cache); the rest is translated (default 0)")
