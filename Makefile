@@ -61,7 +61,7 @@ vllm-env: $(VLLM_STAMP)
 test: $(STAMP)
 	-$(MAKE) --no-print-directory vllm-env
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
