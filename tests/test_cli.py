@@ -170,3 +170,7 @@ def test_translate_run_refuses_a_recompute_share_outside_0_to_1_before_loading_m
                             "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
                             "--own-prefix-chars", "11")
     assert code == 2 and "--own-prefix-chars must be within the context's 10 characters; got 11" in err
+    code, _, err = run_main(capsys, "translate", "run", "--source", "no-such-model", "--target", "no-such-model",
+                            "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
+                            "--select", "last")
+    assert code == 2 and "--select last chooses the tokens that --recompute re-reads; give --recompute too" in err

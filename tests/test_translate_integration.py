@@ -142,3 +142,8 @@ def test_translate_run_cli_reads_its_own_prefix_and_re_reads_a_share(tmp_path, c
     assert m, out[-1]
     redone, total, own = map(int, m.groups())
     assert 55 <= own <= 70 and redone == round(0.1 * (total - 1))  # the share counts every translated token
+    code = main(["translate", "run", "--source", "smollm2-135m", "--target", "gemma3-270m", "--translator",
+                 str(weights_path("smollm2-135m", "gemma3-270m")), "--context", str(ctx), "--prompt", item.prompt,
+                 "--max-new-tokens", "1"])
+    report = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and "re-read 0 of the" in report and "own prefix" not in report  # no prefix unless asked
