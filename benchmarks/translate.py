@@ -94,8 +94,7 @@ def file_mib(tr: Translator) -> float:
 
 
 @torch.inference_mode()
-def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, lengths=(256, 1024, 4096),
-                    select: str = "sentence") -> list[dict]:
+def recompute_times(src, s_tok, tgt, t_tok, tr, twin, text: str, fractions, lengths, select: str) -> list[dict]:
     """Translation (+ recomputation of each share of the tokens) against the target's own prefill of the same
     text, best of 2, at each context length in target tokens."""
     rows = []
@@ -153,7 +152,7 @@ def ttft(src, s_tok, tgt, t_tok, tr, text: str, lengths=(256, 1024, 4096)) -> li
     return rows
 
 
-def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions=(0.0,), select: str = "sentence") -> dict:
+def qa(src, s_tok, tgt, t_tok, tr, fuse, n: int, fractions, select: str) -> dict:
     """Exact match on the passage QA set: the target answers from each kind of past (the translation with
     each share of recomputed tokens)."""
     from kvforge import prefill

@@ -37,7 +37,14 @@ from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set  # noq
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import CALIBRATION_MIX, calibration_text  # noqa: E402
 from kvforge.translate import load  # noqa: E402
-from kvforge.translate.recompute import by_sentence, own_prefix_state, recompute, sentence_ids, splice_prefix  # noqa: E402
+from kvforge.translate.recompute import (  # noqa: E402
+    by_sentence,
+    choose,
+    own_prefix_state,
+    recompute,
+    sentence_ids,
+    splice_prefix,
+)
 
 BASE = ("none", "trust", "last", "rare", "hybrid", "rare-span", "query", "sentence", "oracle-answer",
         "oracle-sentence")
@@ -127,10 +134,6 @@ def main(argv=None) -> int:
             return out
         index, ids = inputs.a.index, inputs.a.target_ids
         n = len(ids)
-        cand = torch.nonzero(index >= 0).flatten()
-        m = round(args.fraction * len(cand))  # the share counts every translated token, as choose() does
-        cand = cand[cand >= start]
-        m = min(m, len(cand))
         shift = n - len(t_tok(item.context, add_special_tokens=False)["input_ids"])
         rare = torch.tensor([-math.log1p(counts[int(t)]) for t in ids])
         if rule == "oracle-sentence":
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
             lo = max(item.context.rfind(". ", 0, c0) + 1, len(DEMO))  # within the passage
             hi = item.context.find(".", c0) + 1
             idx = torch.tensor(char_span_tokens(t_tok, item.context, lo, hi, shift))
-            shares.append(len(idx) / len(cand))
+            shares.append(len(idx) / int((index >= 0).sum()))
             return recompute(tgt, out, idx)
         if rule == "oracle-answer":
             c0 = item.context.index(item.answer, len(DEMO))
@@ -154,8 +157,7 @@ def main(argv=None) -> int:
                      "hybrid": lambda: rank(tr.trust_scores(inputs)) + rank(rare),
                      "rare-span": lambda: smooth(rank(rare), 7),
                      "query": lambda: smooth(query_attention(tgt, t_tok, out, item, n, index), 5)}[rule]()
-        idx = cand[torch.topk(score[cand], m).indices].sort().values
-        return recompute(tgt, out, idx)
+        return recompute(tgt, out, choose(index, args.fraction, "trust", score, start=start))  # top scores
 
     rows, shares = {}, []
     for rule in rules:

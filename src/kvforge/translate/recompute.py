@@ -28,11 +28,11 @@ def sentence_ids(tokenizer, text: str) -> torch.Tensor:
     """``[n]`` the sentence each of ``text``'s tokens (as ``tokenizer`` reads the whole text, specials included)
     starts in, counting from 0; -1 for special tokens. A sentence ends at ".", "!" or "?" before white space, or
     at a line break (so "Question: ..." and "Answer: ..." lines are sentences of their own)."""
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    if "offset_mapping" not in enc:
-        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; a fast tokenizer is needed")
+    from .align import _encode
+
+    _, offsets = _encode(tokenizer, text)
     ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(text)], dtype=torch.long)
-    starts = torch.tensor([b if e > b else -1 for b, e in enc["offset_mapping"]], dtype=torch.long)
+    starts = torch.tensor([b if e > b else -1 for b, e in offsets], dtype=torch.long)
     ids = torch.searchsorted(ends, starts, right=True)
     return torch.where(starts < 0, -1, ids)
 
