@@ -16,6 +16,7 @@ prefix first (``prefix+RULE``, what ``Translator.translate(own_prefix=...)`` doe
   and head, eager attention), averaged over 5 neighbours: the target reads the question first.
 
     python benchmarks/translate_select.py                       # smollm2-135m -> gemma3-270m, 10%, 40 items
+    python benchmarks/translate_select.py --translator s2t.safetensors --rules none,prefix+none,prefix+sentence
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kvforge import load_model, prefill, run  # noqa: E402
 from kvforge.eval.qa import DEMO, answer_in_reply, qa_exact_match, qa_set  # noqa: E402
 from kvforge.results import Results, folder_name  # noqa: E402
 from kvforge.texts import CALIBRATION_MIX, calibration_text  # noqa: E402
-from kvforge.translate import load  # noqa: E402
+from kvforge.translate import Translator, load  # noqa: E402
 from kvforge.translate.recompute import (  # noqa: E402
     by_sentence,
     choose,
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=",".join(DEFAULT),
                     help=f"comma-separated, from {', '.join(BASE)}, each also as prefix+RULE (the target's own "
                          "instruction prefix first)")
+    ap.add_argument("--translator", type=Path, help="a translator file (`kvforge translate train`) instead of the shipped")
     ap.add_argument("--seed", type=int, default=0, help="QA set seed (0: the set benchmarks/translate.py reads)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -117,7 +119,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
-    tr = load(args.source, args.target, src, tgt)
+    if args.translator:
+        tr = Translator.load(args.translator)
+        tr.check_pair(src, tgt)
+    else:
+        tr = load(args.source, args.target, src, tgt)
     counts = collections.Counter()
     for name in CALIBRATION_MIX:
         counts.update(t_tok(calibration_text(name)[:400_000], add_special_tokens=False)["input_ids"])
@@ -169,7 +175,8 @@ def main(argv=None) -> int:
         print(f"{rule}: {r.correct}/{r.total} exact, answer in the reply {found}/{r.total}", flush=True)
     own = qa_exact_match(tgt, t_tok, items, lambda it: prefill(tgt, t_tok, it.context))
     own_found = sum(answer_in_reply(p, it.answer) for p, it in zip(own.predictions, items))
-    lines = [f"# Recompute selection, {args.source} -> {args.target} (shipped replace translator), "
+    lines = [f"# Recompute selection, {args.source} -> {args.target} "
+             f"({args.translator or 'shipped'} replace translator), "
              f"{100 * args.fraction:g}% of the context's tokens re-read, {args.items} QA items", "",
              "| rule | exact match | answer in the reply |", "|---|---|---|",
              f"| own prefill (upper bound) | {own.correct}/{own.total} | {own_found}/{own.total} |",

@@ -268,3 +268,52 @@ def test_an_own_prefix_that_is_not_the_texts_opening_is_refused(tiny_llama, tiny
             go(_prefix_state(src, tok, 13))
         with pytest.raises(KVStateError, match="holds fewer"):
             go(_prefix_state(tgt, tok, 40))  # longer than the tiny Gemma's sliding window
+
+
+def test_own_prefix_training_keeps_the_few_shot_opening_exact_and_trains_the_passage(tiny_llama, tiny_gemma):
+    """With ``own_prefix``, a fact passage's few-shot opening (up to "Passage: ") is the target's own state in
+    the student's past, exactly, as ``translate(own_prefix=...)`` serves it; the passage after it is the
+    translation, and only it carries gradient to the maps."""
+    from test_translate import _train_setup
+
+    from kvforge.translate.data import fact_examples
+    from kvforge.translate.train import prepare, student_state
+
+    (src, _), (tgt, _) = tiny_gemma, tiny_llama  # a target without sliding layers holds the whole opening
+    tok = _char_tokenizer()
+    plain = fact_examples(8, 5, tok, 4.0)
+    shared = fact_examples(8, 5, tok, 4.0, own_prefix=1.0)
+    assert [e.context for e in plain] == [e.context for e in shared] and all(e.own_prefix_chars == 0 for e in plain)
+    heads = [e for e in shared if e.own_prefix_chars]
+    assert heads and len(heads) < len(shared)  # passages without a few-shot opening keep none
+    for e in heads:
+        assert e.context[: e.own_prefix_chars].endswith("\n\nPassage: ") and "Passage: " not in e.context[e.own_prefix_chars:]
+    with one_thread():
+        tr, tok = _train_setup(src, tgt)
+        p = prepare(tr, heads[0], src, tgt, tok, tok, 16, 1.0)
+        q = prepare(tr, plain[plain.index(next(x for x in plain if x.context == heads[0].context))], src, tgt, tok, tok,
+                    16, 1.0)
+        assert p.prefix == len(tok(heads[0].context[: heads[0].own_prefix_chars]).input_ids) and q.prefix == 0
+        spliced, translated = student_state(tr, p, tgt), student_state(tr, q, tgt)
+        spliced.layers[-1].keys.sum().backward()
+    n = p.prefix
+    for s, t, o in zip(spliced.layers, translated.layers, p.own.layers):
+        assert torch.equal(s.keys[:, :, :n], o.keys[:, :, :n]) and torch.equal(s.values[:, :, :n], o.values[:, :, :n])
+        assert torch.equal(s.keys[:, :, n:], t.keys[:, :, n:])
+    assert not torch.allclose(translated.layers[-1].keys[:, :, :n], p.own.layers[-1].keys[:, :, :n])  # (layer 0 is exact)
+    assert any(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in tr.maps)
+
+
+def test_the_default_training_settings_fit_the_texts_they_read():
+    """`kvforge translate train` with no options reads the pydoc calibration and eval parts: the default
+    numbers of examples must fit in them (128 general pieces stopped fitting when the calibration part lost
+    its repeated paragraphs)."""
+    from kvforge.texts import load_text
+    from kvforge.translate.data import examples
+    from kvforge.translate.train import TrainConfig
+
+    cfg, tok = TrainConfig(), _char_tokenizer(with_bos=False)
+    train = examples(load_text("pydoc", "calibration"), cfg.train_examples, cfg.context_chars, 4, tok,
+                     stride=cfg.context_chars // 2)
+    val = examples(load_text("pydoc", "eval"), cfg.val_examples, cfg.context_chars, 4, tok)
+    assert len(train) == cfg.train_examples and len(val) == cfg.val_examples

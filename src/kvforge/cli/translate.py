@@ -48,6 +48,9 @@ def add_commands(sub) -> None:
     p.add_argument("--fact-val-examples", type=int, default=TrainConfig.fact_val_examples)
     p.add_argument("--answer-weight", type=float, default=TrainConfig.answer_weight,
                    help=f"loss weight of answer tokens in fact passages (default {TrainConfig.answer_weight:g})")
+    p.add_argument("--own-prefix", type=float, default=TrainConfig.own_prefix,
+                   help="share of few-shot fact passages trained with their opening as the target's own cached "
+                        "state, only the passage translated (as `run --own-prefix-chars` serves it; default 0)")
     p.add_argument("--context-chars", type=int, default=TrainConfig.context_chars)
     p.add_argument("--continuation-tokens", type=int, default=TrainConfig.continuation_tokens)
     p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="teacher probabilities kept per token")
@@ -107,7 +110,7 @@ def cmd_train(args) -> int:
                       top_k=args.top_k, ce_weight=args.ce_weight, kv_weight=args.kv_weight,
                       train_examples=args.train_examples, val_examples=args.val_examples,
                       fact_examples=args.fact_examples, fact_val_examples=args.fact_val_examples,
-                      answer_weight=args.answer_weight,
+                      answer_weight=args.answer_weight, own_prefix=args.own_prefix,
                       eval_every=args.eval_every, checkpoint_every=args.eval_every, keep_best=not args.last)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)

@@ -59,6 +59,7 @@ class FactPassage:
     context: str  # what the source reads
     continuation: str  # questions and answers about the planted facts, right after the context
     answers: list[tuple[int, int]]  # character spans of the answers in ``continuation``
+    shared_chars: int = 0  # the few-shot opening up to the passage ("...\n\nPassage: "); 0 without one
 
 
 def _fact(rng: random.Random) -> tuple[str, str, str]:
@@ -105,7 +106,8 @@ def fact_passages(n: int, seed: int = 0, facts: tuple[int, int] = (1, 4), filler
     """``n`` passages of ``facts`` (a range) planted facts among ``fillers`` neutral sentences, each followed by
     its questions and answers in shuffled order. With probability ``few_shot`` the context starts like a
     few-shot prompt: an instruction (or none) and a worked passage with one question and its short answer, so
-    that the answer format read from the context is part of what the translation has to carry.
+    that the answer format read from the context is part of what the translation has to carry; its
+    ``shared_chars`` are that opening up to the passage, what a server would hold in its prefix cache.
     Deterministic in ``seed``."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -122,7 +124,8 @@ def fact_passages(n: int, seed: int = 0, facts: tuple[int, int] = (1, 4), filler
             cont += f"\nQuestion: {q}\nAnswer: "
             spans.append((len(cont), len(cont) + len(a)))
             cont += a + "\n"
-        out.append(FactPassage(head + "Passage: " + body, cont, spans))
+        shared = len(head) + len("Passage: ") if head else 0
+        out.append(FactPassage(head + "Passage: " + body, cont, spans, shared))
     return out
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..state import KVState
+from .data import Example, examples, fact_examples
 from .evaluate import continuation_logits
-from .facts import answer_mask, fact_passages
 from .modes import TranslationMode, get_mode
 from .translator import Inputs, Translator
 
@@ -48,11 +48,12 @@ class TrainConfig:
     temperature: float = 1.0
     ce_weight: float | None = None  # weight of next-token loss (1 - it on KL); default: 0 replace, 1 fuse
     kv_weight: float = 0.0  # optional regression of translated onto own keys/values (replace)
-    train_examples: int = 128
+    train_examples: int = 96  # general pieces; the pydoc calibration part holds 108 of 1000 characters every 500
     val_examples: int = 12
     fact_examples: int = 128  # passages with planted facts (.facts) besides the general ones
     fact_val_examples: int = 12
     answer_weight: float = 4.0  # weight of an answer token's loss in a fact passage (others: 1)
+    own_prefix: float = 0.0  # share of few-shot fact passages whose opening is the target's own (replace mode)
     eval_every: int = 50
     checkpoint_every: int = 50
     keep_best: bool = True  # end with the weights of the best validation point (KL replace, PPL fuse)
@@ -74,21 +75,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fact_examples < 0 or self.fact_val_examples < 0 or self.answer_weight <= 0:
             raise ValueError("fact_examples and fact_val_examples must be >= 0 and answer_weight > 0")
+        if not 0.0 <= self.own_prefix <= 1.0:
+            raise ValueError(f"own_prefix is a share of the fact passages, 0 to 1; got {self.own_prefix}")
+        if self.own_prefix and self.translation_mode.needs_own:
+            raise ValueError(f"own_prefix trains a replace-mode translation; a {self.mode} translator has the "
+                             "target's own state of the whole context")
 
     @property
     def translation_mode(self) -> TranslationMode:
         """The :class:`~kvforge.translate.modes.TranslationMode` named by ``mode``."""
         return get_mode(self.mode)
-
-
-@dataclass
-class Example:
-    """One context (read by the source, or by the target in fuse mode) and what follows it."""
-
-    context: str
-    continuation: torch.Tensor  # target token ids
-    weights: torch.Tensor | None = None  # per continuation token (answer tokens weighted up); None: all 1
-    kind: str = "text"  # "text" or "facts"
 
 
 @dataclass
@@ -102,6 +98,7 @@ class Prepared:
     tail_logp: torch.Tensor  # [K] log of the rest of the teacher's probability
     weights: torch.Tensor  # [K] loss weight per continuation token
     kind: str = "text"
+    prefix: int = 0  # the context's first tokens kept as the target's own (an own prefix), not translated
 
 
 @dataclass
@@ -112,30 +109,12 @@ class TrainReport:
     baseline: dict = field(default_factory=dict)  # PPL own / none / before training
 
 
-def examples(text: str, n: int, context_chars: int, continuation_tokens: int, target_tokenizer,
-             stride: int | None = None) -> list[Example]:
-    """``n`` (context, continuation) pairs: a piece of about ``context_chars`` cut at a space, and the first
-    ``continuation_tokens`` target tokens of the text right after it. Pieces start every ``stride``
-    characters (default: a context and its continuation never overlap the next example)."""
-    stride = stride or 2 * context_chars
-    out, pos = [], 0
-    while len(out) < n and pos + 2 * context_chars < len(text):
-        end = text.rfind(" ", pos, pos + context_chars)
-        end = pos + context_chars if end <= pos else end
-        ids = target_tokenizer(text[end:end + context_chars], add_special_tokens=False, return_tensors="pt").input_ids[0]
-        out.append(Example(text[pos:end], ids[:continuation_tokens]))
-        pos += stride
-    if len(out) < n:
-        raise ValueError(f"the text holds only {len(out)} examples of {context_chars} characters every {stride}, "
-                         f"{n} asked (fewer --train-examples or a shorter --context-chars)")
-    return out
-
-
 @torch.no_grad()
 def prepare(tr: Translator, ex: Example, source_model, target_model, source_tokenizer, target_tokenizer,
             top_k: int, temperature: float) -> Prepared:
     """Everything a step needs that does not depend on the translator's weights: the source's aligned
     features, the target's own state and the teacher's top-k next-token distribution."""
+    from .align import prefix_tokens
     from .evaluate import prefill_state
 
     s_ids = source_tokenizer(ex.context, return_tensors="pt").input_ids[0]
@@ -148,8 +127,9 @@ def prepare(tr: Translator, ex: Example, source_model, target_model, source_toke
     top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), -1)
     tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-6))
     weights = torch.ones(len(ex.continuation)) if ex.weights is None else ex.weights
+    prefix = prefix_tokens(target_tokenizer, ex.context, ex.own_prefix_chars) if ex.own_prefix_chars else 0
     return Prepared(inputs, own, t_ids[-1], ex.continuation, top_idx.cpu(), top_logp.cpu(), tail.cpu(), weights,
-                    ex.kind)
+                    ex.kind, min(prefix, own.num_tokens))
 
 
 def _plain(state: KVState) -> KVState:
@@ -164,9 +144,14 @@ def _plain(state: KVState) -> KVState:
 
 def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
     """The past the target continues from: the translation (replace) or its fusion into the target's own
-    state (fuse), minus the context's last token."""
-    state = tr.build_state(tr.project(p.inputs.to(torch.float32)), p.inputs.a, target_model)
-    return tr.mode.combine(tr, p.own, state[: p.own.num_tokens])
+    state (fuse), minus the context's last token; the first ``p.prefix`` tokens are the target's own (as
+    :meth:`Translator.translate` splices an ``own_prefix``)."""
+    from .recompute import splice_prefix
+
+    state = tr.build_state(tr.project(p.inputs.to(torch.float32)), p.inputs.a, target_model)[: p.own.num_tokens]
+    if p.prefix:
+        state = splice_prefix(state, p.own[: p.prefix])
+    return tr.mode.combine(tr, p.own, state)
 
 
 def losses(tr: Translator, p: Prepared, target_model, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -240,17 +225,6 @@ def baselines(val: list[Prepared], target_model, bos: torch.Tensor) -> dict[str,
     return out
 
 
-def fact_examples(n: int, seed: int, target_tokenizer, answer_weight: float) -> list[Example]:
-    """``n`` passages with planted facts (:func:`~kvforge.translate.facts.fact_passages`) as examples: the
-    continuation asks about each fact and answers it; answer tokens weigh ``answer_weight``."""
-    out = []
-    for f in fact_passages(n, seed=seed):
-        ids, mask = answer_mask(target_tokenizer, f.continuation, f.answers)
-        w = torch.where(torch.tensor(mask), torch.tensor(float(answer_weight)), torch.tensor(1.0))
-        out.append(Example(f.context, torch.tensor(ids), w, "facts"))
-    return out
-
-
 def describe(v: dict) -> str:
     """One validation point as a log line."""
     out = f"val KL {v['kl']:.4f}, PPL {v.get('ppl_text', v['ppl']):.3f}, gap recovered {100 * v['gap_recovered']:.1f}%"
@@ -305,9 +279,11 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
                         stride=cfg.context_chars // 2)  # overlapping contexts: more examples from the split
     ex_val = examples(val_text, cfg.val_examples, cfg.context_chars, cfg.continuation_tokens, target_tokenizer)
     if cfg.fact_examples:  # seeds apart from each other and from fit's (FIT_FACT_SEED)
-        ex_train += fact_examples(cfg.fact_examples, 1000 + cfg.seed, target_tokenizer, cfg.answer_weight)
+        ex_train += fact_examples(cfg.fact_examples, 1000 + cfg.seed, target_tokenizer, cfg.answer_weight,
+                                  cfg.own_prefix)
     if cfg.fact_val_examples and cfg.fact_examples:
-        ex_val += fact_examples(cfg.fact_val_examples, 2000 + cfg.seed, target_tokenizer, cfg.answer_weight)
+        ex_val += fact_examples(cfg.fact_val_examples, 2000 + cfg.seed, target_tokenizer, cfg.answer_weight,
+                                cfg.own_prefix)
     args = (source_model, target_model, source_tokenizer, target_tokenizer, cfg.top_k, cfg.temperature)
     val = [prepare(tr, e, *args) for e in progress(ex_val, desc="prepare validation", disable=not show_progress)]
     data = [prepare(tr, e, *args) for e in progress(ex_train, desc="prepare training", disable=not show_progress)]
