@@ -317,3 +317,30 @@ def test_the_default_training_settings_fit_the_texts_they_read():
                      stride=cfg.context_chars // 2)
     val = examples(load_text("pydoc", "eval"), cfg.val_examples, cfg.context_chars, 4, tok)
     assert len(train) == cfg.train_examples and len(val) == cfg.val_examples
+
+
+def test_training_through_recomputation_matches_the_recompute_used_at_inference(tiny_llama, tiny_gemma):
+    """With ``recompute``, the student's past is the translation with the chosen share re-read by the target
+    (``select="sentence"``, after the own prefix), equal to :func:`recompute` at inference, and the loss's
+    gradient reaches the maps through the re-read tokens."""
+    from test_translate import _train_setup
+
+    from kvforge.translate.data import fact_examples
+    from kvforge.translate.recompute import splice_prefix
+    from kvforge.translate.train import prepare, student_state
+
+    (src, _), (tgt, _) = tiny_gemma, tiny_llama
+    ex = next(e for e in fact_examples(8, 5, _char_tokenizer(), 4.0, own_prefix=1.0) if e.own_prefix_chars)
+    with one_thread():
+        tr, tok = _train_setup(src, tgt)
+        p = prepare(tr, ex, src, tgt, tok, tok, 16, 1.0, recompute=0.2)
+        n = p.own.num_tokens
+        assert len(p.redo) == round(0.2 * n) and p.redo.min() >= p.prefix and p.redo.max() < n
+        got = student_state(tr, p, tgt)
+        with torch.no_grad():
+            base = tr.build_state(tr.project(p.inputs.to(torch.float32)), p.inputs.a, tgt)[:n]
+            want = recompute(tgt, splice_prefix(base, p.own[: p.prefix]), p.redo)
+        got.layers[-1].values[:, :, p.redo].sum().backward()
+    for g, w in zip(got.layers, want.layers):
+        assert torch.allclose(g.keys, w.keys, atol=1e-5) and torch.allclose(g.values, w.values, atol=1e-5)
+    assert any(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in tr.maps[1:])

@@ -31,8 +31,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_fit)
 
     p = tsub.add_parser("train", help="train a translator by distillation (both models frozen), resumable")
-    p.add_argument("--source", required=True)
-    p.add_argument("--target", required=True)
+    p.add_argument("--source", required=True, help="the model whose cache is translated")
+    p.add_argument("--target", required=True, help="the model that continues from the translation")
     p.add_argument("--mode", choices=MODES, default="replace",
                    help="replace: the translation is the target's whole past (KL to its own prefill); fuse: mixed "
                         "into the target's own prefill by a learned gate (next-token loss)")
@@ -51,6 +51,9 @@ def add_commands(sub) -> None:
     p.add_argument("--own-prefix", type=float, default=TrainConfig.own_prefix,
                    help="share of few-shot fact passages trained with their opening as the target's own cached "
                         "state, only the passage translated (as `run --own-prefix-chars` serves it; default 0)")
+    p.add_argument("--recompute", type=float, default=TrainConfig.recompute,
+                   help="in half the examples the target re-reads this share of the context over the translation "
+                        "(by sentence, as `run --recompute` does), and training goes through the re-read (default 0)")
     p.add_argument("--context-chars", type=int, default=TrainConfig.context_chars)
     p.add_argument("--continuation-tokens", type=int, default=TrainConfig.continuation_tokens)
     p.add_argument("--top-k", type=int, default=TrainConfig.top_k, help="teacher probabilities kept per token")
@@ -65,12 +68,13 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = tsub.add_parser("run", help="the source reads a context, the target answers from the translated cache")
-    p.add_argument("--source", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--translator", type=Path, required=True, help="a file from `kvforge translate fit`")
+    p.add_argument("--source", required=True, help="the model that reads the context (bundled name or directory)")
+    p.add_argument("--target", required=True, help="the model that answers from the translated cache")
+    p.add_argument("--translator", type=Path, required=True,
+                   help="a file from `kvforge translate fit` or `train` for this source and target")
     p.add_argument("--context", type=Path, required=True, help="text file the source reads")
     p.add_argument("--prompt", required=True, help="what the target continues with after the context")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens the target generates (default 32)")
     p.add_argument("--recompute", type=float, default=0.0,
                    help="share of the context's tokens the target re-reads over the translation (0 to 1, default 0)")
     p.add_argument("--select", choices=SELECT,
@@ -110,7 +114,7 @@ def cmd_train(args) -> int:
                       top_k=args.top_k, ce_weight=args.ce_weight, kv_weight=args.kv_weight,
                       train_examples=args.train_examples, val_examples=args.val_examples,
                       fact_examples=args.fact_examples, fact_val_examples=args.fact_val_examples,
-                      answer_weight=args.answer_weight, own_prefix=args.own_prefix,
+                      answer_weight=args.answer_weight, own_prefix=args.own_prefix, recompute=args.recompute,
                       eval_every=args.eval_every, checkpoint_every=args.eval_every, keep_best=not args.last)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)

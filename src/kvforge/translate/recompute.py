@@ -143,12 +143,20 @@ def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, allow_cache: torch.Tensor, w
     return out.masked_fill(~allow, torch.finfo(dtype).min)[None, None]
 
 
-@torch.inference_mode()
-def recompute(model, state: KVState, index: torch.Tensor) -> KVState:
+def recompute(model, state: KVState, index: torch.Tensor, grad: bool = False) -> KVState:
     """``state`` with the tokens at ``index`` (sorted positions into it) recomputed by ``model``, which attends
     to ``state``'s other tokens. Every layer of ``state`` must hold all its tokens (a translated state does).
+    ``grad``: keep the graph from ``state``'s tensors to the result (training a translator through the
+    re-read, :mod:`.train`); by default it runs in inference mode.
 
     Raises :class:`~kvforge.state.KVStateError` for a state of another model or with fewer tokens in a layer."""
+    from contextlib import nullcontext
+
+    with nullcontext() if grad else torch.inference_mode():
+        return _recompute(model, state, index)
+
+
+def _recompute(model, state: KVState, index: torch.Tensor) -> KVState:
     state.check_model(model)
     n = state.num_tokens
     if any(layer.length != n for layer in state.layers):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainConfig:
     fact_val_examples: int = 12
     answer_weight: float = 4.0  # weight of an answer token's loss in a fact passage (others: 1)
     own_prefix: float = 0.0  # share of few-shot fact passages whose opening is the target's own (replace mode)
+    recompute: float = 0.0  # in half the examples the target re-reads this share of the context (by sentence)
     eval_every: int = 50
     checkpoint_every: int = 50
     keep_best: bool = True  # end with the weights of the best validation point (KL replace, PPL fuse)
@@ -77,9 +79,11 @@ class TrainConfig:
             raise ValueError("fact_examples and fact_val_examples must be >= 0 and answer_weight > 0")
         if not 0.0 <= self.own_prefix <= 1.0:
             raise ValueError(f"own_prefix is a share of the fact passages, 0 to 1; got {self.own_prefix}")
-        if self.own_prefix and self.translation_mode.needs_own:
-            raise ValueError(f"own_prefix trains a replace-mode translation; a {self.mode} translator has the "
-                             "target's own state of the whole context")
+        if not 0.0 <= self.recompute < 1.0:
+            raise ValueError(f"recompute is a share of the context's tokens, 0 to below 1; got {self.recompute}")
+        if (self.own_prefix or self.recompute) and self.translation_mode.needs_own:
+            raise ValueError(f"own_prefix and recompute train a replace-mode translation; a {self.mode} translator "
+                             "has the target's own state of the whole context")
 
     @property
     def translation_mode(self) -> TranslationMode:
@@ -99,6 +103,7 @@ class Prepared:
     weights: torch.Tensor  # [K] loss weight per continuation token
     kind: str = "text"
     prefix: int = 0  # the context's first tokens kept as the target's own (an own prefix), not translated
+    redo: torch.Tensor | None = None  # positions the target re-reads over the translation (sorted)
 
 
 @dataclass
@@ -111,25 +116,34 @@ class TrainReport:
 
 @torch.no_grad()
 def prepare(tr: Translator, ex: Example, source_model, target_model, source_tokenizer, target_tokenizer,
-            top_k: int, temperature: float) -> Prepared:
+            top_k: int, temperature: float, recompute: float = 0.0) -> Prepared:
     """Everything a step needs that does not depend on the translator's weights: the source's aligned
-    features, the target's own state and the teacher's top-k next-token distribution."""
+    features, the target's own state, the teacher's top-k next-token distribution and, with ``recompute``,
+    the tokens the target re-reads (``select="sentence"``: the layer-0 trust probe takes no gradient, so
+    the choice is fixed)."""
     from .align import prefix_tokens
     from .evaluate import prefill_state
+    from .recompute import by_sentence, choose, sentence_ids
 
     s_ids = source_tokenizer(ex.context, return_tensors="pt").input_ids[0]
     t_ids = target_tokenizer(ex.context, return_tensors="pt").input_ids[0]
     inputs = tr.prepare(prefill_state(source_model, s_ids), ex.context, source_model, target_model,
-                        source_tokenizer, target_tokenizer).to(torch.float16)  # plain tensors, not inference
+                        source_tokenizer, target_tokenizer)
+    prefix = prefix_tokens(target_tokenizer, ex.context, ex.own_prefix_chars) if ex.own_prefix_chars else 0
+    redo = None
+    if recompute:
+        scores = by_sentence(tr.trust_scores(inputs), sentence_ids(target_tokenizer, ex.context))
+        redo = choose(inputs.a.index, recompute, "sentence", scores, start=prefix)
+        redo = redo[redo < len(t_ids) - 1]  # the last token is the continuation's first input, read anyway
+    inputs = inputs.to(torch.float16)  # plain tensors, not inference
     own = _plain(prefill_state(target_model, t_ids[:-1]))
     logits = continuation_logits(target_model, own, t_ids[-1], ex.continuation, check=False)
     logp = torch.log_softmax(logits.float() / temperature, -1)
     top_logp, top_idx = logp.topk(min(top_k, logp.shape[-1]), -1)
     tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1 - 1e-6))
     weights = torch.ones(len(ex.continuation)) if ex.weights is None else ex.weights
-    prefix = prefix_tokens(target_tokenizer, ex.context, ex.own_prefix_chars) if ex.own_prefix_chars else 0
     return Prepared(inputs, own, t_ids[-1], ex.continuation, top_idx.cpu(), top_logp.cpu(), tail.cpu(), weights,
-                    ex.kind, min(prefix, own.num_tokens))
+                    ex.kind, min(prefix, own.num_tokens), redo)
 
 
 def _plain(state: KVState) -> KVState:
@@ -144,13 +158,16 @@ def _plain(state: KVState) -> KVState:
 
 def student_state(tr: Translator, p: Prepared, target_model) -> KVState:
     """The past the target continues from: the translation (replace) or its fusion into the target's own
-    state (fuse), minus the context's last token; the first ``p.prefix`` tokens are the target's own (as
-    :meth:`Translator.translate` splices an ``own_prefix``)."""
-    from .recompute import splice_prefix
+    state (fuse), minus the context's last token; the first ``p.prefix`` tokens are the target's own and the
+    tokens at ``p.redo`` re-read by the target, as :meth:`Translator.translate` does with ``own_prefix`` and
+    ``recompute`` (the gradient flows through the re-read into the translated tokens it attends to)."""
+    from .recompute import recompute, splice_prefix
 
     state = tr.build_state(tr.project(p.inputs.to(torch.float32)), p.inputs.a, target_model)[: p.own.num_tokens]
     if p.prefix:
         state = splice_prefix(state, p.own[: p.prefix])
+    if p.redo is not None and len(p.redo):
+        state = recompute(target_model, state, p.redo, grad=True)
     return tr.mode.combine(tr, p.own, state)
 
 
@@ -285,8 +302,11 @@ def train(tr: Translator, source_model, target_model, source_tokenizer, target_t
         ex_val += fact_examples(cfg.fact_val_examples, 2000 + cfg.seed, target_tokenizer, cfg.answer_weight,
                                 cfg.own_prefix)
     args = (source_model, target_model, source_tokenizer, target_tokenizer, cfg.top_k, cfg.temperature)
-    val = [prepare(tr, e, *args) for e in progress(ex_val, desc="prepare validation", disable=not show_progress)]
-    data = [prepare(tr, e, *args) for e in progress(ex_train, desc="prepare training", disable=not show_progress)]
+    redo = random.Random(cfg.seed)  # which half of the examples re-read (drawn per example, in order)
+    val = [prepare(tr, e, *args, recompute=cfg.recompute * (redo.random() < 0.5))
+           for e in progress(ex_val, desc="prepare validation", disable=not show_progress)]
+    data = [prepare(tr, e, *args, recompute=cfg.recompute * (redo.random() < 0.5))
+            for e in progress(ex_train, desc="prepare training", disable=not show_progress)]
     bos = target_tokenizer("", return_tensors="pt").input_ids[0]
     base = baselines(val, target_model, bos)
 
