@@ -63,34 +63,46 @@ class FactPassage:
 
 
 def _fact(rng: random.Random) -> tuple[str, str, str]:
+    """(statement, question, answer). Half the statements wrap the answer in more words ("was built in the
+    year 1820", "are painted teal") while the answer stays short, and counts have 2 to 4 digits, so that a
+    translator learns to carry the answer itself, not one phrasing or one number length."""
     name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     place, thing = rng.choice(PLACES), rng.choice(THINGS)
     kind = rng.choice(["role", "count", "code", "hometown", "year", "material", "weekday", "shade"])
+    wordy = rng.random() < 0.5
     if kind == "role":
         role = rng.choice(ROLES)
-        return f"The {role} of the {thing} at {place} is {name}.", f"Who is the {role} of the {thing} at {place}?", name
+        who = f"a person called {name}" if wordy else name
+        return f"The {role} of the {thing} at {place} is {who}.", f"Who is the {role} of the {thing} at {place}?", name
     if kind == "count":
-        what, n = rng.choice(COUNTED), str(rng.randint(100, 999))
-        return f"The {thing} at {place} has {n} {what}.", f"How many {what} does the {thing} at {place} have?", n
+        digits = rng.choice((2, 3, 4))
+        what, n = rng.choice(COUNTED), str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+        has = f"has a total of {n} {what}, by the last count" if wordy else f"has {n} {what}"
+        return f"The {thing} at {place} {has}.", f"How many {what} does the {thing} at {place} have?", n
     if kind == "code":
         w = rng.choice(WORDS)
-        return (f"The code word for the {thing} at {place} is {w}.", f"What is the code word for the {thing} at "
+        is_w = f"is the word {w}, known to few" if wordy else f"is {w}"
+        return (f"The code word for the {thing} at {place} {is_w}.", f"What is the code word for the {thing} at "
                 f"{place}?", w)
     if kind == "hometown":
-        return f"{name} grew up in the village of {place}.", f"Where did {name} grow up?", place
+        grew = f"spent a childhood in the village of {place}, far from the sea" if wordy else \
+            f"grew up in the village of {place}"
+        return f"{name} {grew}.", f"Where did {name} grow up?", place
     if kind == "year":
         y = str(rng.randint(1700, 1899))
-        return f"The {thing} at {place} was built in {y}.", f"When was the {thing} at {place} built?", y
+        return f"The {thing} at {place} was built in {'the year ' if wordy else ''}{y}.", \
+            f"When was the {thing} at {place} built?", y
     if kind == "weekday":
         d = rng.choice(WEEKDAYS)
-        return f"The {thing} at {place} is open only on {d}.", f"On which day is the {thing} at {place} open?", d
+        opens = f"is open to visitors only on {d}, every week" if wordy else f"is open only on {d}"
+        return f"The {thing} at {place} {opens}.", f"On which day is the {thing} at {place} open?", d
     if kind == "shade":
         c = rng.choice(SHADES)
-        return f"The shutters of the {thing} at {place} are {c}.", f"What colour are the shutters of the {thing} " \
-            f"at {place}?", c
+        return f"The shutters of the {thing} at {place} are {'painted ' if wordy else ''}{c}.", \
+            f"What colour are the shutters of the {thing} at {place}?", c
     m = rng.choice(MATERIALS)
-    return f"The roof of the {thing} at {place} is made of {m}.", f"What is the roof of the {thing} at {place} " \
-        "made of?", m
+    made = f"is made of {m}, like most roofs in the district" if wordy else f"is made of {m}"
+    return f"The roof of the {thing} at {place} {made}.", f"What is the roof of the {thing} at {place} made of?", m
 
 
 def _passage(rng: random.Random, facts: tuple[int, int], fillers: tuple[int, int]) -> tuple[str, list]:
