@@ -344,3 +344,15 @@ def test_training_through_recomputation_matches_the_recompute_used_at_inference(
     for g, w in zip(got.layers, want.layers):
         assert torch.allclose(g.keys, w.keys, atol=1e-5) and torch.allclose(g.values, w.values, atol=1e-5)
     assert any(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in tr.maps[1:])
+
+
+@pytest.mark.parametrize("kw, match", [({"own_prefix": 2.0}, "own_prefix is a share"),
+                                       ({"recompute": 1.0}, "recompute is a share"),
+                                       ({"recompute": -0.1}, "recompute is a share"),
+                                       ({"mode": "fuse", "recompute": 0.1}, "replace-mode translation"),
+                                       ({"mode": "fuse", "own_prefix": 0.5}, "replace-mode translation")])
+def test_training_through_re_reads_refuses_shares_out_of_range_and_fuse_mode(kw, match):
+    from kvforge.translate.train import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
