@@ -174,3 +174,7 @@ def test_translate_run_refuses_a_recompute_share_outside_0_to_1_before_loading_m
                             "--translator", tmp_path / "missing.safetensors", "--context", ctx, "--prompt", "x",
                             "--select", "last")
     assert code == 2 and "--select last chooses the tokens that --recompute re-reads; give --recompute too" in err
+    code, _, err = run_main(capsys, "translate", "run", "--source", "no-such-model", "--target", "smollm2-135m",
+                            "--context", ctx, "--prompt", "x")  # no --translator: the pair's shipped one, if any
+    assert code == 2 and "no shipped translator for no-such-model -> smollm2-135m" in err
+    assert "gemma3-270m -> smollm2-135m" in err and "give --translator FILE" in err

@@ -49,10 +49,10 @@ def add_commands(sub) -> None:
     p.add_argument("--answer-weight", type=float, default=TrainConfig.answer_weight,
                    help=f"loss weight of answer tokens in fact passages (default {TrainConfig.answer_weight:g})")
     p.add_argument("--own-prefix", type=float, default=TrainConfig.own_prefix,
-                   help="share of few-shot fact passages trained with their opening as the target's own cached "
-                        "state, only the passage translated (as `run --own-prefix-chars` serves it; default 0)")
+                   help="share (0 to 1) of few-shot fact passages trained with their opening as the target's own "
+                        "cached state, only the passage translated (as `run --own-prefix-chars` serves it; default 0)")
     p.add_argument("--recompute", type=float, default=TrainConfig.recompute,
-                   help="in half the examples the target re-reads this share of the context over the translation "
+                   help="in half the examples the target re-reads this share (0 to below 1) of the context over the translation "
                         "(by sentence, as `run --recompute` does), and training goes through the re-read (default 0)")
     p.add_argument("--context-chars", type=int, default=TrainConfig.context_chars)
     p.add_argument("--continuation-tokens", type=int, default=TrainConfig.continuation_tokens)
@@ -70,8 +70,9 @@ def add_commands(sub) -> None:
     p = tsub.add_parser("run", help="the source reads a context, the target answers from the translated cache")
     p.add_argument("--source", required=True, help="the model that reads the context (bundled name or directory)")
     p.add_argument("--target", required=True, help="the model that answers from the translated cache")
-    p.add_argument("--translator", type=Path, required=True,
-                   help="a file from `kvforge translate fit` or `train` for this source and target")
+    p.add_argument("--translator", type=Path,
+                   help="a file from `kvforge translate fit` or `train` for this source and target (default: the "
+                        "shipped replace translator of the pair)")
     p.add_argument("--context", type=Path, required=True, help="text file the source reads")
     p.add_argument("--prompt", required=True, help="what the target continues with after the context")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens the target generates (default 32)")
@@ -162,6 +163,15 @@ def cmd_run(args) -> int:
     if not 0 <= args.own_prefix_chars <= len(text):
         raise ValueError(f"--own-prefix-chars must be within the context's {len(text)} characters; "
                          f"got {args.own_prefix_chars}")
+    if args.translator is None:
+        from ..translate import shipped
+        from ..translate.registry import weights_path
+
+        args.translator = weights_path(args.source, args.target)
+        if not args.translator.exists():
+            pairs = ", ".join(f"{a} -> {b}" for a, b in sorted(shipped())) or "none"
+            raise ValueError(f"no shipped translator for {args.source} -> {args.target} (shipped: {pairs}); "
+                             "give --translator FILE")
     tr = Translator.load(args.translator)
     src, s_tok = load_model(args.source)
     tgt, t_tok = load_model(args.target)
