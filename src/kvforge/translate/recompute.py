@@ -150,9 +150,7 @@ def recompute(model, state: KVState, index: torch.Tensor, grad: bool = False) ->
     re-read, :mod:`.train`); by default it runs in inference mode.
 
     Raises :class:`~kvforge.state.KVStateError` for a state of another model or with fewer tokens in a layer."""
-    from contextlib import nullcontext
-
-    with nullcontext() if grad else torch.inference_mode():
+    with torch.inference_mode(not grad):
         return _recompute(model, state, index)
 
 
