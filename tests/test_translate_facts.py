@@ -291,8 +291,7 @@ def test_own_prefix_training_keeps_the_few_shot_opening_exact_and_trains_the_pas
     with one_thread():
         tr, tok = _train_setup(src, tgt)
         p = prepare(tr, heads[0], src, tgt, tok, tok, 16, 1.0)
-        q = prepare(tr, plain[plain.index(next(x for x in plain if x.context == heads[0].context))], src, tgt, tok, tok,
-                    16, 1.0)
+        q = prepare(tr, next(x for x in plain if x.context == heads[0].context), src, tgt, tok, tok, 16, 1.0)
         assert p.prefix == len(tok(heads[0].context[: heads[0].own_prefix_chars]).input_ids) and q.prefix == 0
         spliced, translated = student_state(tr, p, tgt), student_state(tr, q, tgt)
         spliced.layers[-1].keys.sum().backward()
